@@ -1,0 +1,53 @@
+# cgpt: `make demo` trains a small Cerebras-GPT on the built-in corpus; `make test` runs the suite.
+# Uses the active virtual environment, or creates .venv when none is active.
+SHELL := /bin/bash
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+ifdef VIRTUAL_ENV
+VENV := $(VIRTUAL_ENV)
+else
+VENV := $(CURDIR)/.venv
+endif
+BIN := $(VENV)/bin
+DEMO_DATA := data/prepared/shakespeare
+
+.PHONY: install install-dev demo data test lint format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch first (the CPU wheel) only where no torch is installed: GPU users keep their CUDA build.
+$(VENV)/.cgpt-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.cgpt-dev-installed: pyproject.toml $(VENV)/.cgpt-installed
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.cgpt-installed
+install-dev: $(VENV)/.cgpt-dev-installed
+
+$(DEMO_DATA)/meta.json: data/corpus/shakespeare.jsonl.gz | $(VENV)/.cgpt-installed
+	$(BIN)/python data/prepare.py --input data/corpus/shakespeare.jsonl.gz --out $(DEMO_DATA) --seq-len 128 --shard-size-mb 1
+
+data: $(DEMO_DATA)/meta.json
+
+demo: install data
+	$(BIN)/python train/pretrain.py experiment=demo resume=null
+
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install-dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: install-dev lint
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest -q -rs --durations=15 tests
+
+clean:
+	rm -rf outputs multirun $(DEMO_DATA) .pytest_cache

@@ -1,0 +1,159 @@
+"""Training callbacks: throughput and MFU, plain-text progress lines, and the run summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from cgpt.hardware import peak_flops
+
+
+def _scalar(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().float().cpu())
+    return float(value)
+
+
+class ThroughputMonitor(L.Callback):
+    """Logs ``tokens_per_sec`` and ``mfu`` (model FLOPs / device peak) every ``log_every`` steps.
+
+    Reads time only at the logging steps, so it adds no host-device synchronisation to the others.
+    """
+
+    def __init__(self, log_every: int = 10, peak_flops_per_device: float | None = None) -> None:
+        self.log_every = log_every
+        self.peak = peak_flops_per_device
+        self._t0: float | None = None
+        self._step0 = 0
+        self.tokens_per_sec: float | None = None
+        self.mfu: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.peak is None:
+            self.peak = peak_flops(pl_module.device)
+        self._t0, self._step0 = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step == self._step0 or step % self.log_every:
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        now = time.perf_counter()
+        tokens = (step - self._step0) * pl_module.tokens_per_step
+        self.tokens_per_sec = tokens / max(now - self._t0, 1e-9)
+        flops_per_token = pl_module.model_config.flops_per_token(_seq_len(trainer))
+        self.mfu = self.tokens_per_sec * flops_per_token / (self.peak * trainer.world_size)
+        pl_module.log("tokens_per_sec", self.tokens_per_sec, rank_zero_only=True)
+        pl_module.log("mfu", self.mfu, rank_zero_only=True)
+        self._t0, self._step0 = now, step
+
+
+def _seq_len(trainer: L.Trainer) -> int | None:
+    dm = trainer.datamodule
+    return getattr(dm, "seq_len", None)
+
+
+class ProgressPrinter(L.Callback):
+    """One plain line every ``every`` steps and after each validation (good for log files)."""
+
+    def __init__(self, every: int = 50) -> None:
+        self.every = every
+        self._start = 0.0
+
+    def _print(self, trainer: L.Trainer, msg: str) -> None:
+        if trainer.is_global_zero:
+            print(msg, file=sys.stderr if os.environ.get("CGPT_PROGRESS_STDERR") else sys.stdout, flush=True)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.time()
+        n = pl_module.model.num_params() if pl_module.model is not None else 0
+        self._print(
+            trainer, f"training {pl_module.model_config.name}: {n / 1e6:.2f}M parameters, {trainer.max_steps} steps"
+        )
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step % self.every or step == 0 or trainer.fit_loop._should_accumulate():
+            return
+        m = trainer.callback_metrics
+        elapsed = time.time() - self._start
+        eta = elapsed / max(step, 1) * (trainer.max_steps - step)
+        parts = [f"step {step}/{trainer.max_steps}"]
+        if "train/loss" in m:
+            parts.append(f"loss {_scalar(m['train/loss']):.4f}")
+        if "lr" in m:
+            parts.append(f"lr {_scalar(m['lr']):.2e}")
+        if "tokens_per_sec" in m:
+            parts.append(f"{_scalar(m['tokens_per_sec']):,.0f} tok/s")
+        if "mfu" in m:
+            parts.append(f"mfu {100 * _scalar(m['mfu']):.1f}%")
+        parts.append(f"eta {eta / 60:.1f} min")
+        self._print(trainer, " | ".join(parts))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or "val/loss" not in trainer.callback_metrics:
+            return
+        loss = _scalar(trainer.callback_metrics["val/loss"])
+        self._print(trainer, f"step {trainer.global_step}: val loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.1f})")
+
+
+class RunSummary(L.Callback):
+    """Collects what a run did and writes ``summary.json`` (rank 0 only) when :meth:`write` is
+    called: final losses, steps, tokens, speed, wall time, and the resolved config."""
+
+    def __init__(self, path: str, config: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self.config = config or {}
+        self._start = time.time()
+        self._step0 = 0
+        self.last_val_step: int | None = None
+        self.summary: dict[str, Any] = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.time()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step0 = trainer.global_step
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.last_val_step = trainer.global_step
+
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule, **extra: Any) -> dict[str, Any]:
+        m = trainer.callback_metrics
+        wall = time.time() - self._start
+        steps_run = trainer.global_step - self._step0
+        throughput = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
+        measured = throughput.tokens_per_sec if throughput is not None else None
+        self.summary = {
+            "train_loss": _scalar(m.get("train/loss")),
+            "val_loss": _scalar(m.get("val/loss")),
+            "val_ppl": _scalar(m.get("val/ppl")),
+            "steps": trainer.global_step,
+            "steps_this_run": steps_run,
+            "tokens_seen": trainer.global_step * pl_module.tokens_per_step,
+            "tokens_per_sec": measured or steps_run * pl_module.tokens_per_step / max(wall, 1e-9),
+            "mfu": throughput.mfu if throughput is not None else None,
+            "wall_time_sec": wall,
+            "num_params": pl_module.model.num_params() if pl_module.model is not None else None,
+            "bad_shards_skipped": getattr(trainer.datamodule, "bad_shards", 0),
+            **extra,
+            "config": self.config,
+        }
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(self.summary, indent=2, default=str) + "\n")
+            os.replace(tmp, self.path)
+        return self.summary

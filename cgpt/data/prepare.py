@@ -1,0 +1,185 @@
+"""Raw text -> tokenized, packed WebDataset shards, the Cerebras-GPT way.
+
+Documents are tokenized with GPT-2 BPE (in parallel: ``tokenizers`` batches run on all cores),
+each followed by EOS, concatenated, and cut into ``seq_len + 1``-token samples with no padding:
+the leftover of one document carries into the next sample. Every ``val_every``-th document goes
+to the validation split (a split by document). Only the final partial sample of each split is
+dropped, and counted in ``meta.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from cgpt.data.shards import META_NAME, TOKEN_DTYPE, DatasetMeta, ShardWriter
+from cgpt.data.sources import expand_inputs, iter_documents
+from cgpt.data.tokenizer import get_tokenizer
+
+SPLITS = ("train", "val")
+TAR_HEADER_BYTES = 512
+
+
+class SequencePacker:
+    """Concatenates documents (each + EOS) and emits overlapping ``seq_len + 1`` windows."""
+
+    def __init__(self, seq_len: int, sink: Callable[[np.ndarray], None]) -> None:
+        self.seq_len = seq_len
+        self.sink = sink
+        self._buf = np.empty(0, dtype=TOKEN_DTYPE)
+        self._pending: list[np.ndarray] = []
+        self._pending_len = 0
+        self.tokens = 0  # stream length
+        self.counts = np.zeros(2**16, dtype=np.int64)  # unigram counts, for the entropy baseline
+        self.samples = 0
+        self.documents = 0
+
+    def add(self, ids: list[int], eos_id: int) -> None:
+        arr = np.empty(len(ids) + 1, dtype=TOKEN_DTYPE)
+        arr[:-1] = ids
+        arr[-1] = eos_id
+        self._pending.append(arr)
+        self._pending_len += len(arr)
+        self.tokens += len(arr)
+        self.documents += 1
+        if len(self._buf) + self._pending_len >= 64 * (self.seq_len + 1):
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.counts += np.bincount(np.concatenate(self._pending), minlength=len(self.counts))
+        buf = np.concatenate([self._buf, *self._pending]) if self._pending else self._buf
+        self._pending, self._pending_len = [], 0
+        T = self.seq_len
+        n = max(0, (len(buf) - 1) // T)
+        for j in range(n):
+            self.sink(buf[j * T : j * T + T + 1])
+        self.samples += n
+        self._buf = buf[n * T :].copy()  # keeps the shared boundary token
+
+    def finish(self) -> int:
+        """Flush; return the number of stream tokens that never become a target (the tail)."""
+        self._flush()
+        return max(0, len(self._buf) - 1)
+
+
+def unigram_entropy(counts: np.ndarray) -> float:
+    """Entropy in nats/token of the token frequencies: the loss of a model that ignores context."""
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def _batched(docs: Iterable[str], max_chars: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    size = 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc)
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def prepare(
+    inputs: list[str] | str,
+    out_dir: str | os.PathLike,
+    seq_len: int = 2048,
+    val_every: int = 20,
+    shard_size_mb: float = 64.0,
+    text_key: str = "text",
+    tokenizer_dir: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> DatasetMeta:
+    """Tokenize, pack and shard ``inputs`` into ``out_dir``; return the written metadata.
+
+    Args:
+        inputs: files, folders or globs of .txt / .jsonl (optionally .gz / .zst).
+        out_dir: destination folder; ``meta.json`` is written last, so its presence marks a
+            complete dataset. Re-running rewrites the shards atomically and finishes the job.
+        seq_len: training sequence length (each sample holds ``seq_len + 1`` tokens).
+        val_every: every ``val_every``-th document goes to the validation split.
+        shard_size_mb: target shard size.
+        text_key: the field holding the text in .jsonl records.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if seq_len <= 0 or val_every < 2:
+        raise ValueError("seq_len must be positive and val_every at least 2")
+    files = expand_inputs(inputs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / META_NAME).unlink(missing_ok=True)  # the folder is incomplete until meta.json returns
+    for stale in out.glob("*.tmp"):
+        stale.unlink()
+    tok = get_tokenizer(tokenizer_dir)
+    bytes_per_sample = (seq_len + 1) * TOKEN_DTYPE.itemsize + 2 * TAR_HEADER_BYTES
+    per_shard = max(1, int(shard_size_mb * 2**20) // bytes_per_sample)
+    writers = {s: ShardWriter(out, s, per_shard) for s in SPLITS}
+    packers = {s: SequencePacker(seq_len, writers[s].write) for s in SPLITS}
+
+    start = time.time()
+    doc_index = 0
+    chars = 0
+    last_log = start
+    for batch in _batched(iter_documents(files, text_key), max_chars=8 * 2**20):
+        for ids in tok.encode_batch(batch):
+            split = "val" if doc_index % val_every == val_every - 1 else "train"
+            packers[split].add(ids, tok.eos_id)
+            doc_index += 1
+        chars += sum(len(d) for d in batch)
+        if time.time() - last_log > 10:
+            last_log = time.time()
+            log(
+                f"prepare: {doc_index} documents, {chars / 1e6:.1f}M chars, "
+                f"{chars / 1e6 / (last_log - start):.1f}M chars/s"
+            )
+
+    splits = {}
+    corpus_counts = sum(p.counts for p in packers.values())
+    for s in SPLITS:
+        dropped = packers[s].finish()
+        shards = writers[s].finish()
+        if not shards:
+            have = packers[s].tokens
+            raise ValueError(
+                f"the {s} split got {packers[s].documents} documents ({have} tokens), fewer than one "
+                f"sample of seq_len + 1 = {seq_len + 1} tokens. Add more text, lower --seq-len"
+                + (", or lower --val-every" if s == "val" else "")
+            )
+        splits[s] = {
+            "shards": shards,
+            "samples": sum(x["samples"] for x in shards),
+            "documents": packers[s].documents,
+            "tokens": packers[s].tokens,
+            "dropped_tokens": dropped,
+            "unigram_entropy": unigram_entropy(packers[s].counts),
+        }
+        keep = {x["name"] for x in shards}
+        for old in out.glob(f"{s}-*.tar"):
+            if old.name not in keep:
+                old.unlink()  # shards of an earlier, larger run of this folder
+    meta = DatasetMeta(
+        seq_len=seq_len,
+        tokenizer=tok.name,
+        vocab_size=tok.vocab_size,
+        eos_id=tok.eos_id,
+        splits=splits,
+        extra={
+            "sources": [str(f) for f in files],
+            "val_every": val_every,
+            "text_key": text_key,
+            "unigram_entropy": unigram_entropy(corpus_counts),
+        },
+    )
+    meta.save(out)
+    log(
+        f"prepare: wrote {out} in {time.time() - start:.1f}s: "
+        + ", ".join(f"{s} {splits[s]['samples']} samples / {len(splits[s]['shards'])} shards" for s in SPLITS)
+    )
+    return meta

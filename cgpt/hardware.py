@@ -1,0 +1,90 @@
+"""What the device can do: bf16 support, the precision to train in, and peak FLOP/s for MFU."""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+
+import torch
+
+# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, by substring of the CUDA device name.
+GPU_BF16_PEAK_FLOPS: dict[str, float] = {
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 756e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "A10G": 70e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "V100": 125e12,  # fp16; V100 has no bf16
+}
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """True where the CPU executes bf16 natively (AVX512_BF16 or AMX), so bf16 autocast pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def default_precision(accelerator: str | None = None) -> str:
+    """The fastest safe Lightning precision for the accelerator: bf16 autocast where the hardware
+    has bf16, else fp32. Never fp16 on a CPU."""
+    use_cuda = torch.cuda.is_available() if accelerator in (None, "auto", "gpu", "cuda") else False
+    if use_cuda:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_has_bf16() else "32-true"
+
+
+def resolve_precision(precision: str | int | None, accelerator: str | None = None) -> str:
+    """Turn ``auto``/``None`` into :func:`default_precision`; reject what the device lacks."""
+    if precision in (None, "auto"):
+        return default_precision(accelerator)
+    p = str(precision)
+    on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
+    if on_cpu and p in ("16-mixed", "16", "16-true"):
+        raise ValueError(f"trainer.precision={p}: fp16 is not supported on CPU; use bf16-mixed or 32-true")
+    if not on_cpu and p.startswith("bf16") and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"trainer.precision={p}: this GPU has no bf16; use 16-mixed or 32-true")
+    return p
+
+
+def peak_flops(device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Peak FLOP/s of ``device``: the table for known GPUs, a measured large matmul on CPUs."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_BF16_PEAK_FLOPS.items():
+            if key in name:
+                return value if dtype in (torch.bfloat16, torch.float16) else value / 2
+        return measured_matmul_flops(device, dtype)
+    return measured_matmul_flops(device, dtype)
+
+
+@functools.cache
+def measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 0.5) -> float:
+    """FLOP/s of a large square matmul on ``device`` in ``dtype`` (a practical peak)."""
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_bf16():
+        dtype = torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm up
+    iters, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        iters += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if time.perf_counter() - start > seconds:
+            break
+    return 2 * n**3 * iters / (time.perf_counter() - start)

@@ -1,0 +1,148 @@
+"""The LightningModule that trains a Cerebras-GPT model with the published recipe."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from cgpt.config import ConfigError, ModelConfig, TrainingDefaults, normalize_preset_name
+from cgpt.model import GPT
+from cgpt.optim import OptimConfig, SchedulerConfig, build_optimizer, build_scheduler
+from cgpt.presets import PRESETS
+
+
+class CerebrasGPTModule(L.LightningModule):
+    """Next-token language modelling on packed ``(B, seq_len + 1)`` token batches.
+
+    It receives serialisable configs (plain dicts) and builds the network in
+    :meth:`configure_model`, so strategies can shard at build time and a checkpoint reloads
+    with ``CerebrasGPTModule.load_from_checkpoint(path)`` alone.
+
+    Args:
+        model: :class:`~cgpt.config.ModelConfig` fields; ``{"name": "cerebras-gpt-111m"}`` is a preset.
+        optim: :class:`~cgpt.optim.OptimConfig` fields; unset values take the preset's recipe.
+        scheduler: :class:`~cgpt.optim.SchedulerConfig` fields; likewise.
+        compile: ``torch.compile`` the model (in place: no ``_orig_mod`` prefix in checkpoints).
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optim: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_config = ModelConfig.from_dict(model)
+        self.optim_config = OptimConfig(**(optim or {}))
+        self.scheduler_config = SchedulerConfig(**(scheduler or {}))
+        self.compile = compile
+        self.recipe = _recipe_for(self.model_config)
+        self.model: GPT | None = None
+        self.tokens_per_step = 0  # set by set_runtime(); used for "tokens seen"
+
+    # --- runtime -------------------------------------------------------------------------------
+    def set_runtime(self, seq_len: int, global_batch_size: int) -> None:
+        """Pass the values known only at launch: training sequence length and global batch."""
+        if seq_len > self.model_config.block_size:
+            raise ConfigError(
+                f"data sequence length {seq_len} exceeds the model's context {self.model_config.block_size}: "
+                "prepare the data with a shorter --seq-len or use a model with a larger block_size"
+            )
+        self.tokens_per_step = seq_len * global_batch_size
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = GPT(self.model_config)
+        if self.compile:
+            self.model.compile()
+
+    # --- steps ---------------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        tokens = batch["tokens"]
+        return self.model.loss(tokens[:, :-1], tokens[:, 1:])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss.detach()))
+        self.log("tokens_seen", float((self.global_step + 1) * self.tokens_per_step))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        # Batches are equal-sized, so the mean of batch means is the per-token mean.
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(loss), sync_dist=True)
+        return loss
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by global norm and log the pre-clip norm as ``grad_norm``.
+
+        Lightning's AMP plugin refuses to clip for fused optimizers even in bf16, where no grad
+        scaler is involved; without a scaler we clip directly. With an fp16 scaler, Lightning's
+        own path runs (unscale first), and the optimizer is built unfused.
+        """
+        if not gradient_clip_val:
+            return
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None or gradient_clip_algorithm == "value":
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val, foreach=True)
+        self.log("grad_norm", norm)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.log("lr", optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0))
+
+    # --- optimizer -----------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        max_steps = self.trainer.max_steps
+        if max_steps is None or max_steps <= 0:
+            raise ConfigError("trainer.max_steps must be set (> 0): the lr schedule decays to its end")
+        lr, eps, warmup, decay = self.resolved_recipe(max_steps)
+        optim_config = self.optim_config
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None and optim_config.fused is None:
+            optim_config = OptimConfig(**{**optim_config.__dict__, "fused": False})  # fp16 scaler unscales
+        optimizer = build_optimizer(self.model, lr, optim_config, eps, self.model_config.width_mult)
+        scheduler = build_scheduler(optimizer, warmup, max_steps, decay, self.scheduler_config.final_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def resolved_recipe(self, max_steps: int) -> tuple[float, float, int, str]:
+        """(peak lr, eps, warmup steps, decay) after filling unset values from the preset.
+
+        An unset warmup keeps the preset's warmup *fraction* of its published step count, so a
+        shortened run still warms up over the same share of training.
+        """
+        r = self.recipe
+        lr = self.optim_config.lr if self.optim_config.lr is not None else r.lr
+        eps = self.optim_config.eps if self.optim_config.eps is not None else r.adam_eps
+        decay = self.scheduler_config.decay or r.decay
+        warmup = self.scheduler_config.warmup_steps
+        if warmup is None:
+            warmup = math.ceil(max_steps * r.warmup_steps / r.max_steps)
+        if warmup >= max_steps:
+            raise ConfigError(f"scheduler.warmup_steps={warmup} must be below trainer.max_steps={max_steps}")
+        return lr, eps, warmup, decay
+
+
+def _recipe_for(config: ModelConfig) -> TrainingDefaults:
+    """The preset's published recipe; a custom shape borrows the nearest preset's by width."""
+    name = normalize_preset_name(config.name, strict=False)
+    if name in PRESETS:
+        return TrainingDefaults.from_name(name)
+    published = [n for n in PRESETS if n.endswith("-mup") == config.mup and "tiny" not in n and "demo" not in n]
+    nearest = min(published, key=lambda n: abs(PRESETS[n]["model"]["d_model"] - config.d_model))
+    return TrainingDefaults.from_name(nearest)

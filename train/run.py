@@ -1,0 +1,123 @@
+"""Build and run a training job from a composed Hydra config (shared by the train/ entry points)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("CGPT_ROOT", str(REPO_ROOT))
+if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO_ROOT))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from cgpt.callbacks import RunSummary  # noqa: E402
+from cgpt.checkpoint import AtomicCheckpointIO, resume_checkpoint  # noqa: E402
+from cgpt.data.datamodule import PackedDataModule  # noqa: E402
+from cgpt.hardware import resolve_precision  # noqa: E402
+from cgpt.lit_module import CerebrasGPTModule  # noqa: E402
+from cgpt.preflight import plan_batch  # noqa: E402
+
+TRAINER_EXTRA_KEYS = ("validate_every_steps",)
+
+
+def container(cfg: DictConfig | None) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True) if cfg is not None else {}
+
+
+def build(cfg: DictConfig) -> tuple[L.Trainer, CerebrasGPTModule, PackedDataModule, RunSummary]:
+    """Compose-time config -> (trainer, module, datamodule, summary writer). Nothing runs yet."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = CerebrasGPTModule(
+        model=container(cfg.model), optim=container(cfg.optim), scheduler=container(cfg.scheduler),
+        compile=cfg.compile,
+    )  # fmt: skip
+    data_cfg = container(cfg.data)
+    datamodule = PackedDataModule(
+        data_dir=data_cfg["dir"], micro_batch_size=data_cfg["micro_batch_size"],
+        num_workers=data_cfg["num_workers"], seed=cfg.seed, shard_url=data_cfg["shard_url"],
+        val_batches=data_cfg["val_batches"],
+    )  # fmt: skip
+    datamodule.validate(data_cfg["seq_len"], module.model_config.vocab_size)
+
+    trainer_cfg = container(cfg.trainer)
+    max_steps = trainer_cfg.pop("max_steps") or module.recipe.max_steps
+    validate_every = trainer_cfg.pop("validate_every_steps")
+    plan = plan_batch(
+        data_cfg["global_batch_size"] or module.recipe.batch_size, data_cfg["micro_batch_size"],
+        trainer_cfg["devices"], trainer_cfg["num_nodes"],
+    )  # fmt: skip
+    module.set_runtime(datamodule.seq_len, plan.global_batch_size)
+    trainer_cfg["precision"] = resolve_precision(trainer_cfg["precision"], trainer_cfg["accelerator"])
+
+    out_dir = Path(cfg.paths.output_dir)
+    resolved = container(cfg)
+    resolved["resolved"] = {"max_steps": max_steps, "accumulate_grad_batches": plan.accumulate_grad_batches,
+                            "global_batch_size": plan.global_batch_size, "seq_len": datamodule.seq_len,
+                            "precision": trainer_cfg["precision"]}  # fmt: skip
+    summary = RunSummary(str(out_dir / "summary.json"), resolved)
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None] + [summary]
+    logger = instantiate(cfg.logger) if cfg.logger and cfg.logger.get("_target_") else False
+    trainer = L.Trainer(
+        **trainer_cfg,
+        max_steps=max_steps,
+        accumulate_grad_batches=plan.accumulate_grad_batches,
+        val_check_interval=validate_every * plan.accumulate_grad_batches,  # counted in micro-batches
+        check_val_every_n_epoch=None,
+        strategy=cfg.strategy.name,
+        plugins=[AtomicCheckpointIO()],
+        callbacks=callbacks,
+        logger=logger,
+        default_root_dir=str(out_dir),
+    )
+    return trainer, module, datamodule, summary
+
+
+def fit(cfg: DictConfig) -> dict[str, Any]:
+    """Train (resuming when the output folder has a checkpoint), validate at the end, write
+    summary.json, print the result and a sample. Returns the summary."""
+    trainer, module, datamodule, summary = build(cfg)
+    ckpt = None
+    if cfg.resume == "auto":
+        ckpt = resume_checkpoint(Path(cfg.paths.output_dir) / "checkpoints")
+    elif cfg.resume:
+        ckpt = cfg.resume
+    if ckpt and trainer.is_global_zero:
+        print(f"resuming from {ckpt}", flush=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    if trainer.interrupted:
+        raise SystemExit("training was interrupted; re-run the same command to resume")
+    if trainer.global_step and summary.last_val_step != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    sample = _sample(cfg, module) if trainer.is_global_zero else None
+    result = summary.write(trainer, module, sample=sample)
+    if trainer.is_global_zero:
+        entropy = datamodule.meta.extra.get("unigram_entropy")
+        print(f"\nfinal: step {result['steps']}, train loss {result['train_loss']:.4f}, "
+              f"val loss {result['val_loss']:.4f} nats/token"
+              + (f" (unigram entropy of the corpus: {entropy:.3f})" if entropy else ""), flush=True)  # fmt: skip
+        print(f"summary: {summary.path}", flush=True)
+        if sample:
+            print(f"\nsample:\n{sample}\n", flush=True)
+    return result
+
+
+def _sample(cfg: DictConfig, module: CerebrasGPTModule) -> str | None:
+    """A text sample from the trained model, for the console and summary.json."""
+    if not (cfg.sample and cfg.sample.prompt) or module.model is None:
+        return None
+    from cgpt.data.tokenizer import get_tokenizer
+    from cgpt.generate import generate
+
+    tok = get_tokenizer()
+    idx = torch.tensor([tok.encode(cfg.sample.prompt)], device=module.device)
+    g = torch.Generator(device=module.device).manual_seed(cfg.seed)
+    n = min(cfg.sample.max_new_tokens, module.model_config.block_size - idx.size(1))
+    out = generate(module.model, idx, n, temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, generator=g)
+    return tok.decode(out[0].tolist())
