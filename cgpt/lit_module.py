@@ -26,6 +26,8 @@ class CerebrasGPTModule(L.LightningModule):
         optim: :class:`~cgpt.optim.OptimConfig` fields; unset values take the preset's recipe.
         scheduler: :class:`~cgpt.optim.SchedulerConfig` fields; likewise.
         compile: ``torch.compile`` the model (in place: no ``_orig_mod`` prefix in checkpoints).
+        lora: :class:`~cgpt.lora.LoRAConfig` fields to train low-rank adapters on a frozen base;
+            ``None`` (or ``enabled: false``) trains every weight.
     """
 
     def __init__(
@@ -34,6 +36,7 @@ class CerebrasGPTModule(L.LightningModule):
         optim: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         compile: bool = False,
+        lora: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -44,6 +47,8 @@ class CerebrasGPTModule(L.LightningModule):
         self.recipe = _recipe_for(self.model_config)
         self.model: GPT | None = None
         self.tokens_per_step = 0  # set by set_runtime(); used for "tokens seen"
+        self.lora = dict(lora) if lora and lora.get("enabled", True) else None
+        self.init_from: str | None = None  # set by set_init_from(); not a hyperparameter
 
     # --- runtime -------------------------------------------------------------------------------
     def set_runtime(self, seq_len: int, global_batch_size: int) -> None:
@@ -55,10 +60,27 @@ class CerebrasGPTModule(L.LightningModule):
             )
         self.tokens_per_step = seq_len * global_batch_size
 
+    def set_init_from(self, source: str | None) -> None:
+        """Load the weights of ``source`` (see :mod:`cgpt.init_from`) when the model is built.
+
+        A runtime value, not a hyperparameter: a checkpoint of this run reloads without the source.
+        """
+        self.init_from = str(source) if source else None
+
     def configure_model(self) -> None:
         if self.model is not None:
             return
         self.model = GPT(self.model_config)
+        if self.init_from:
+            from cgpt.init_from import load_weights
+
+            load_weights(self.model, self.init_from)
+        if self.lora:
+            from cgpt.lora import LoRAConfig, apply_lora, format_report, parameter_report
+
+            apply_lora(self.model, LoRAConfig.from_dict(self.lora))
+            if self.global_rank == 0:
+                print(f"LoRA {self.lora}: {format_report(parameter_report(self.model))}", flush=True)
         if self.compile:
             self.model.compile()
 

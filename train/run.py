@@ -31,13 +31,24 @@ def container(cfg: DictConfig | None) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True) if cfg is not None else {}
 
 
+def model_dict(cfg: DictConfig) -> dict[str, Any]:
+    """The model config: the ``model`` group, or the architecture of ``init_from`` when it is set."""
+    if not cfg.get("init_from"):
+        return container(cfg.model)
+    from cgpt.init_from import source_model_config
+
+    return source_model_config(cfg.init_from).to_dict()
+
+
 def build(cfg: DictConfig) -> tuple[L.Trainer, CerebrasGPTModule, PackedDataModule, RunSummary]:
     """Compose-time config -> (trainer, module, datamodule, summary writer). Nothing runs yet."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    init_from = cfg.get("init_from")
     module = CerebrasGPTModule(
-        model=container(cfg.model), optim=container(cfg.optim), scheduler=container(cfg.scheduler),
-        compile=cfg.compile,
+        model=model_dict(cfg), optim=container(cfg.optim), scheduler=container(cfg.scheduler),
+        compile=cfg.compile, lora=container(cfg.get("lora")) or None,
     )  # fmt: skip
+    module.set_init_from(init_from)
     data_cfg = container(cfg.data)
     datamodule = PackedDataModule(
         data_dir=data_cfg["dir"], micro_batch_size=data_cfg["micro_batch_size"],
@@ -45,6 +56,12 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, CerebrasGPTModule, PackedDataModu
         val_batches=data_cfg["val_batches"],
     )  # fmt: skip
     datamodule.validate(data_cfg["seq_len"], module.model_config.vocab_size)
+    if init_from:
+        from cgpt.init_from import check_tokenizer
+
+        m = datamodule.meta
+        for note in check_tokenizer(init_from, m.tokenizer, m.vocab_size, m.eos_id):
+            print(f"init_from: {note}", flush=True)
 
     trainer_cfg = container(cfg.trainer)
     max_steps = trainer_cfg.pop("max_steps") or module.recipe.max_steps
@@ -88,8 +105,12 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
         ckpt = resume_checkpoint(Path(cfg.paths.output_dir) / "checkpoints")
     elif cfg.resume:
         ckpt = cfg.resume
+    if ckpt:
+        module.set_init_from(None)  # the checkpoint holds the weights (and optimizer, schedule, data position)
     if ckpt and trainer.is_global_zero:
         print(f"resuming from {ckpt}", flush=True)
+    elif module.init_from and trainer.is_global_zero:
+        print(f"initialising weights from {module.init_from} (fresh optimizer and schedule)", flush=True)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     if trainer.interrupted:
         raise SystemExit("training was interrupted; re-run the same command to resume")
