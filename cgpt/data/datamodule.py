@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +15,8 @@ from torch.utils.data import DataLoader
 
 from cgpt.data.shards import DatasetMeta
 from cgpt.data.stream import PackedStream, Shard
+
+TRACE_ENV = "CGPT_DATA_TRACE"  # file prefix: each rank appends the training batches it consumes
 
 
 class DataMismatchError(ValueError):
@@ -48,15 +54,28 @@ class PackedDataModule(L.LightningDataModule):
         self.val_batches = val_batches
         self.meta = DatasetMeta.load(self.data_dir)
         self.consumed_micro_batches = 0  # of this rank; saved in checkpoints for exact resume
-        self._bad_shards: dict[int, int] = {}
+        self.bad_shard_names: set[str] = set()  # unreadable shards skipped (also saved in checkpoints)
         self._resume_from: dict[str, Any] | None = None
 
     # --- checks ------------------------------------------------------------------------------
-    def validate(self, seq_len: int | None, vocab_size: int, tokenizer: str = "gpt2") -> None:
-        """Refuse data made for another run: raise :class:`DataMismatchError` saying what to do."""
+    def validate(
+        self, seq_len: int | None, vocab_size: int, tokenizer: str = "gpt2", block_size: int | None = None
+    ) -> None:
+        """Refuse data that cannot feed this run, before training: raise :class:`DataMismatchError`
+        saying what to fix (another tokenizer, vocab, sequence length, empty split, missing shards).
+
+        Args:
+            seq_len: the sequence length the run asks for (None: accept the data's).
+            vocab_size: the model's vocabulary size; every token id of the data must fit.
+            tokenizer: the tokenizer the model was built for.
+            block_size: the model's context length; the data's sequences must fit in it.
+        """
         m, where = self.meta, Path(self.data_dir) / "meta.json"
         if m.tokenizer != tokenizer:
-            raise DataMismatchError(f"{where}: shards use tokenizer {m.tokenizer!r}, the model expects {tokenizer!r}")
+            raise DataMismatchError(
+                f"{where}: shards use tokenizer {m.tokenizer!r}, the model expects {tokenizer!r}; "
+                "re-run data/prepare.py for this model"
+            )
         if m.vocab_size > vocab_size:
             raise DataMismatchError(
                 f"{where}: data vocab {m.vocab_size} exceeds the model's vocab_size {vocab_size}; "
@@ -67,9 +86,28 @@ class PackedDataModule(L.LightningDataModule):
                 f"{where}: shards hold sequences of {m.seq_len} tokens but the run asks for {seq_len}; "
                 f"re-run data/prepare.py with --seq-len {seq_len} or set data.seq_len={m.seq_len}"
             )
+        if block_size is not None and m.seq_len > block_size:
+            raise DataMismatchError(
+                f"{where}: shards hold sequences of {m.seq_len} tokens, longer than the model's context of "
+                f"{block_size}; re-run data/prepare.py with --seq-len {block_size} (or less)"
+            )
         for split in ("train", "val"):
-            if not self.meta.shards(split):
+            shards = self.meta.shards(split)
+            if not shards or not sum(int(s["samples"]) for s in shards):
                 raise DataMismatchError(f"{where}: the {split} split is empty; prepare more data")
+            if self.shard_url is None:
+                missing = [s["name"] for s in shards if not (Path(self.data_dir) / s["name"]).is_file()]
+                if len(missing) == len(shards):
+                    raise DataMismatchError(
+                        f"{where}: none of the {len(shards)} {split} shards is in {self.data_dir} (e.g. "
+                        f"{missing[0]}); copy them there or set data.shard_url to where they are"
+                    )
+                if missing:
+                    warnings.warn(
+                        f"{len(missing)} of {len(shards)} {split} shards are missing from {self.data_dir} "
+                        f"(e.g. {missing[0]}); they will be skipped and counted as bad shards",
+                        stacklevel=2,
+                    )
 
     @property
     def seq_len(self) -> int:
@@ -77,15 +115,16 @@ class PackedDataModule(L.LightningDataModule):
 
     @property
     def bad_shards(self) -> int:
-        """Unreadable shards skipped so far on this rank (summed over workers)."""
-        return sum(self._bad_shards.values())
+        """Distinct unreadable shards this rank has skipped so far (over all its workers and the
+        runs this one resumes)."""
+        return len(self.bad_shard_names)
 
     # --- loaders -----------------------------------------------------------------------------
     def _shards(self, split: str) -> list[Shard]:
         out = []
         for s in self.meta.shards(split):
             url = self.shard_url.format(name=s["name"]) if self.shard_url else str(Path(self.data_dir) / s["name"])
-            out.append(Shard(url, int(s["samples"])))
+            out.append(Shard(url, int(s["samples"]), s.get("crc32")))
         return out
 
     def _rank_world(self) -> tuple[int, int]:
@@ -118,19 +157,41 @@ class PackedDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         stream = PackedStream(
             self._shards("val"), self.meta.sample_len, self.micro_batch_size, rank, world,
-            seed=self.seed, shuffle=False, infinite=False,
+            seed=self.seed, shuffle=False, infinite=False, max_batches=self.val_batches,
         )  # fmt: skip
-        if self.val_batches is not None:
-            stream.batches_per_epoch = min(stream.batches_per_epoch, self.val_batches)
         return self._loader(stream)
 
     # --- the data position -------------------------------------------------------------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if not isinstance(batch, dict):
+            return batch
         trainer = getattr(self, "trainer", None)
-        if isinstance(batch, dict) and "batch_index" in batch and trainer is not None and trainer.training:
-            self.consumed_micro_batches = int(batch["batch_index"]) + 1
-            self._bad_shards[int(batch["worker"])] = int(batch["bad_shards"])
+        bad = batch.pop("bad_shards", None)
+        if bad is not None and bad.numel():
+            split = "train" if trainer is None or trainer.training else "val"
+            shards = self.meta.shards(split)
+            new = {shards[i]["name"] for i in bad.tolist()} - self.bad_shard_names
+            if new:
+                self.bad_shard_names |= new
+                print(
+                    f"data: skipped {len(new)} unreadable shard(s) {sorted(new)}; {self.bad_shards} so far "
+                    f"(rank {self._rank_world()[0]})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        index = batch.pop("batch_index", None)
+        if index is not None and trainer is not None and trainer.training:
+            self.consumed_micro_batches = int(index) + 1
+            if os.environ.get(TRACE_ENV):
+                self._trace(int(index), batch["tokens"])
         return batch
+
+    def _trace(self, index: int, tokens: torch.Tensor) -> None:
+        """Append ``rank batch_index crc32(tokens)`` to the file named by ``CGPT_DATA_TRACE``."""
+        rank = self._rank_world()[0]
+        digest = zlib.crc32(tokens.cpu().numpy().tobytes())
+        with open(f"{os.environ[TRACE_ENV]}.rank{rank}", "a") as f:
+            f.write(f"{index} {digest}\n")
 
     def state_dict(self) -> dict[str, Any]:
         _, world = self._rank_world()
@@ -139,10 +200,12 @@ class PackedDataModule(L.LightningDataModule):
             "micro_batch_size": self.micro_batch_size,
             "world_size": world,
             "seed": self.seed,
+            "bad_shard_names": sorted(self.bad_shard_names),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_from = dict(state_dict)
+        self.bad_shard_names |= set(state_dict.get("bad_shard_names", ()))
 
     def _resume_batch(self, world: int) -> int:
         s = self._resume_from

@@ -1,6 +1,7 @@
 """Raw text -> tokenized, packed WebDataset shards, the Cerebras-GPT way.
 
-Documents are tokenized with GPT-2 BPE (in parallel: ``tokenizers`` batches run on all cores),
+Documents are tokenized with GPT-2 BPE (in parallel: ``tokenizers`` spreads each batch over all
+cores, in a thread, while the main thread reads the next batch and packs the previous one),
 each followed by EOS, concatenated, and cut into ``seq_len + 1``-token samples with no padding:
 the leftover of one document carries into the next sample. Every ``val_every``-th document goes
 to the validation split (a split by document). Only the final partial sample of each split is
@@ -12,7 +13,9 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -74,17 +77,55 @@ def unigram_entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def _batched(docs: Iterable[str], max_chars: int) -> Iterator[list[str]]:
-    batch: list[str] = []
+def _batched(pieces: Iterable[tuple[str, bool]], max_chars: int) -> Iterator[list[tuple[str, bool]]]:
+    batch: list[tuple[str, bool]] = []
     size = 0
-    for doc in docs:
-        batch.append(doc)
-        size += len(doc)
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece[0])
         if size >= max_chars:
             yield batch
             batch, size = [], 0
     if batch:
         yield batch
+
+
+def _source_names(files: list[Path]) -> list[str]:
+    """Input files relative to their common folder: meta.json stays free of machine paths."""
+    if len(files) == 1:
+        return [files[0].name]
+    root = Path(os.path.commonpath([f.resolve() for f in files]))
+    return [f.resolve().relative_to(root).as_posix() for f in files]
+
+
+class _Progress:
+    """Progress of a long preparation: an in-place line on a terminal, else a plain line every
+    ``every`` seconds (log files, SLURM)."""
+
+    def __init__(self, log: Callable[[str], None], total_bytes: int, tty: bool, every: float) -> None:
+        self.log, self.total, self.tty, self.every = log, max(total_bytes, 1), tty, every
+        self.start = self.last = time.time()
+
+    def update(self, done_bytes: int, docs: int, chars: int, tokens: int, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self.last < (1.0 if self.tty else self.every):
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        frac = min(done_bytes / self.total, 1.0)
+        eta = elapsed / frac - elapsed if frac > 0 else float("nan")
+        line = (
+            f"prepare: {100 * frac:5.1f}% of input | {docs:,} documents | {tokens / 1e6:,.1f}M tokens | "
+            f"{chars / 1e6 / elapsed:.2f}M chars/s | {tokens / 1e6 / elapsed:.2f}M tokens/s | eta {eta / 60:.1f} min"
+        )
+        if self.tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        else:
+            self.log(line)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=sys.stderr, flush=True)
 
 
 def prepare(
@@ -96,6 +137,9 @@ def prepare(
     text_key: str = "text",
     tokenizer_dir: str | None = None,
     log: Callable[[str], None] | None = None,
+    batch_chars: int = 8 << 20,
+    piece_chars: int = 1 << 20,
+    progress_every: float = 30.0,
 ) -> DatasetMeta:
     """Tokenize, pack and shard ``inputs`` into ``out_dir``; return the written metadata.
 
@@ -107,10 +151,20 @@ def prepare(
         val_every: every ``val_every``-th document goes to the validation split.
         shard_size_mb: target shard size.
         text_key: the field holding the text in .jsonl records.
+        tokenizer_dir: folder with the GPT-2 BPE files (default: the bundled ones).
+        log: where progress and summary lines go (default: stderr).
+        batch_chars: characters tokenized per parallel batch (the tokenizer spreads a batch's
+            documents over all cores while the next batch is read).
+        piece_chars: long .txt documents are tokenized in pieces of about this many characters
+            (cut where the result is identical to tokenizing the whole document).
+        progress_every: seconds between progress lines when stderr is not a terminal.
     """
+    tty = log is None and sys.stderr.isatty()
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if seq_len <= 0 or val_every < 2:
         raise ValueError("seq_len must be positive and val_every at least 2")
+    if seq_len + 1 > 2**16 or shard_size_mb <= 0:
+        raise ValueError("seq_len must be below 65535 and shard_size_mb positive")
     files = expand_inputs(inputs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,22 +177,40 @@ def prepare(
     writers = {s: ShardWriter(out, s, per_shard) for s in SPLITS}
     packers = {s: SequencePacker(seq_len, writers[s].write) for s in SPLITS}
 
-    start = time.time()
-    doc_index = 0
-    chars = 0
-    last_log = start
-    for batch in _batched(iter_documents(files, text_key), max_chars=8 * 2**20):
-        for ids in tok.encode_batch(batch):
+    sizes = [f.stat().st_size for f in files]
+    position = [0, 0]  # [files done, raw bytes read of the current file]
+    progress = _Progress(log, sum(sizes), tty, progress_every)
+    doc_index = chars = 0
+    current: list[int] = []  # token ids of the document being assembled from pieces
+
+    def pack(batch: list[tuple[str, bool]], encoded: list[list[int]]) -> None:
+        nonlocal doc_index, chars, current
+        for (text, last), ids in zip(batch, encoded, strict=True):
+            chars += len(text)
+            if current or not last:  # a document in pieces
+                current.extend(ids)
+                if not last:
+                    continue
+                ids, current = current, []
             split = "val" if doc_index % val_every == val_every - 1 else "train"
             packers[split].add(ids, tok.eos_id)
             doc_index += 1
-        chars += sum(len(d) for d in batch)
-        if time.time() - last_log > 10:
-            last_log = time.time()
-            log(
-                f"prepare: {doc_index} documents, {chars / 1e6:.1f}M chars, "
-                f"{chars / 1e6 / (last_log - start):.1f}M chars/s"
-            )
+
+    pieces = iter_documents(files, text_key, piece_chars=piece_chars, progress=position)
+    with ThreadPoolExecutor(max_workers=1) as encoder:  # tokenizes batch i+1 while batch i is packed
+        pending: deque = deque()
+        for batch in _batched(pieces, max_chars=batch_chars):
+            pending.append((batch, encoder.submit(tok.encode_batch, [t for t, _ in batch])))
+            if len(pending) > 1:
+                done, future = pending.popleft()
+                pack(done, future.result())
+            progress.update(sum(sizes[: position[0]]) + position[1], doc_index,
+                            chars, sum(p.tokens for p in packers.values()))  # fmt: skip
+        while pending:
+            done, future = pending.popleft()
+            pack(done, future.result())
+    progress.update(sum(sizes), doc_index, chars, sum(p.tokens for p in packers.values()), force=True)
+    progress.close()
 
     splits = {}
     corpus_counts = sum(p.counts for p in packers.values())
@@ -171,7 +243,7 @@ def prepare(
         eos_id=tok.eos_id,
         splits=splits,
         extra={
-            "sources": [str(f) for f in files],
+            "sources": [{"name": n, "bytes": b} for n, b in zip(_source_names(files), sizes, strict=True)],
             "val_every": val_every,
             "text_key": text_key,
             "unigram_entropy": unigram_entropy(corpus_counts),
@@ -179,7 +251,7 @@ def prepare(
     )
     meta.save(out)
     log(
-        f"prepare: wrote {out} in {time.time() - start:.1f}s: "
+        f"prepare: wrote {out} in {time.time() - progress.start:.1f}s: "
         + ", ".join(f"{s} {splits[s]['samples']} samples / {len(splits[s]['shards'])} shards" for s in SPLITS)
     )
     return meta

@@ -5,6 +5,8 @@ ids (inputs are ``[:-1]``, targets ``[1:]``). Consecutive samples overlap by one
 token of the packed stream is a target exactly once. Shards are plain tar files: ``webdataset``,
 ``tar`` and any object store read them. Writes are atomic (temporary name, then rename) and
 byte-deterministic (fixed mtime, owner and mode), so the same input gives identical shards.
+``meta.json`` records each shard's samples, tokens, bytes and CRC-32; readers verify the CRC, so
+a truncated or corrupted shard is detected, not trained on.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import io
 import json
 import os
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,7 @@ FORMAT = "cgpt-packed-v1"
 SAMPLE_EXT = "tokens"
 TOKEN_DTYPE = np.dtype("<u2")
 META_NAME = "meta.json"
+TAR_BLOCK = 512
 
 
 class ShardFormatError(ValueError):
@@ -73,9 +77,18 @@ class ShardWriter:
     def _close(self) -> None:
         assert self._tar is not None and self._tmp is not None
         self._tar.close()
+        data = self._tmp.read_bytes()
         final = self._tmp.with_suffix("")  # drop ".tmp"
         os.replace(self._tmp, final)  # atomic: a shard either exists complete or not at all
-        self.shards.append({"name": final.name, "samples": self._count, "tokens": self._tokens})
+        self.shards.append(
+            {
+                "name": final.name,
+                "samples": self._count,
+                "tokens": self._tokens,
+                "bytes": len(data),
+                "crc32": zlib.crc32(data),
+            }
+        )
         self._tar, self._tmp, self._count, self._tokens = None, None, 0, 0
 
     def finish(self) -> list[dict[str, Any]]:
@@ -101,6 +114,60 @@ def iter_tar_samples(stream: IO[bytes], source: str, sample_len: int) -> Iterato
                 yield np.frombuffer(data, dtype=TOKEN_DTYPE)
     except tarfile.TarError as e:
         raise ShardFormatError(f"{source}: corrupt or truncated tar ({e})") from e
+
+
+def _sample_stride(sample_len: int) -> int:
+    """Bytes one sample takes in a shard written by :class:`ShardWriter`: header + padded data."""
+    return TAR_BLOCK + -(-sample_len * TOKEN_DTYPE.itemsize // TAR_BLOCK) * TAR_BLOCK
+
+
+def _fast_decode(data: bytes, sample_len: int, samples: int) -> np.ndarray | None:
+    """Decode a shard in :class:`ShardWriter`'s exact layout with array views (no per-member
+    Python work); None when the bytes are laid out otherwise (then tarfile parses them)."""
+    stride, nbytes = _sample_stride(sample_len), sample_len * TOKEN_DTYPE.itemsize
+    end = samples * stride
+    if samples <= 0 or len(data) < end + 2 * TAR_BLOCK:
+        return None
+    buf = np.frombuffer(data, dtype=np.uint8)
+    members = buf[:end].reshape(samples, stride)
+    size_field = np.frombuffer(b"%011o\0" % nbytes, dtype=np.uint8)
+    if not (
+        (members[:, 257:262] == np.frombuffer(b"ustar", dtype=np.uint8)).all()
+        and (members[:, 124:136] == size_field).all()
+        and (members[:, 156] == ord("0")).all()
+        and not buf[end : end + 2 * TAR_BLOCK].any()
+    ):
+        return None
+    return members[:, TAR_BLOCK : TAR_BLOCK + nbytes].copy().view(TOKEN_DTYPE)
+
+
+def read_shard(url: str, sample_len: int, samples: int | None = None, expected_crc32: int | None = None) -> np.ndarray:
+    """All samples of one shard as a ``(samples, sample_len)`` uint16 array.
+
+    ``url`` is a local path or anything ``webdataset.gopen`` opens (``pipe:CMD``, ``http(s)://``,
+    ...). The shard is read whole (shards are tens of MB), checked against ``expected_crc32``, and
+    decoded with array views when it has the writer's layout (``samples`` given), else by tarfile.
+    Raises :class:`ShardFormatError` or ``OSError`` for unreadable shards.
+    """
+    if "://" in url or url.startswith("pipe:"):
+        import webdataset as wds
+
+        with wds.gopen(url, "rb") as stream:
+            data = stream.read()
+    else:
+        data = Path(url).read_bytes()
+    if expected_crc32 is not None and zlib.crc32(data) != expected_crc32:
+        raise ShardFormatError(
+            f"{url}: checksum mismatch ({len(data)} bytes): the shard is truncated or corrupt, or from "
+            "another preparation than meta.json"
+        )
+    fast = _fast_decode(data, sample_len, samples) if samples is not None else None
+    if fast is not None:
+        return fast
+    rows = list(iter_tar_samples(io.BytesIO(data), url, sample_len))
+    if not rows:
+        return np.empty((0, sample_len), dtype=TOKEN_DTYPE)
+    return np.stack(rows)
 
 
 @dataclass

@@ -1,19 +1,35 @@
 """Streaming reader of packed shards with a deterministic, resumable global order.
 
-The order of one epoch is a pure function of (seed, epoch, shard list):
+The order of one epoch is a pure function of (seed, epoch, shard list, rank, world size):
 
-1. shards are permuted with the epoch's seed;
-2. ranks own shards round-robin (rank r reads shards r, r + world, ...); with fewer shards than
-   ranks every rank reads every shard and keeps every world-th sample instead;
+1. shards are permuted with the epoch's seed (validation keeps file order);
+2. with ``n`` shards and ``world`` ranks, the first ``world * (n // world)`` shards of that order
+   are dealt to ranks round-robin, whole; the ``n % world`` left over are split *within* the
+   shard (rank ``r`` keeps every ``world``-th sample from ``r``), so no rank idles and nothing is
+   lost. Fewer shards than ranks is the case ``n // world == 0``: every rank reads every shard.
+   When splitting the leftovers would more than double the shard reads of an epoch (many ranks,
+   ``n % world`` large), they are skipped for that epoch instead (different shards each epoch);
 3. each shard's samples are permuted with (seed, epoch, shard) — a full in-shard shuffle;
-4. every rank serves the same number of micro-batches per epoch, ``min`` over ranks (from the
-   per-shard counts in meta.json), so DDP never waits on a rank that ran out;
-5. micro-batch ``j`` of a rank is assembled by dataloader worker ``j % num_workers``, and
+4. every rank serves the same number of micro-batches in an epoch: what the rank with the fewest
+   samples in that epoch's plan can fill, known to all ranks from the per-shard counts in
+   meta.json, so DDP never waits on a rank that ran out. The samples past it on the other ranks
+   (at most about one shard's worth per rank, different ones each epoch) and the last partial
+   micro-batch are the documented drop;
+5. the ``i``-th micro-batch a rank serves (counting from where it started) is assembled by
+   dataloader worker ``i % num_workers``, and
    PyTorch's DataLoader returns workers' batches round-robin, so the batch sequence a rank sees
-   does not depend on the number of workers.
+   does not depend on the number of workers. (The price: each worker reads every shard of its
+   rank and keeps its own batches' samples; one worker is meant to suffice, see bench/.)
 
-Resuming is therefore exact: start at micro-batch ``k`` and the stream continues with exactly
-the batches an uninterrupted run would have seen next, whatever the worker count.
+No sample is served twice within an epoch across ranks x workers, and together they cover it.
+Resuming is exact: start at micro-batch ``k`` and the stream continues with exactly the batches
+an uninterrupted run would have seen next, whatever the worker count; shards holding only
+already-consumed batches are not even read.
+
+Unreadable shards (missing, truncated, corrupt, checksum mismatch) are skipped with a warning;
+their ids travel with the next batch (``bad_shards``) so the data module can count them. A
+training batch that needed a bad shard is dropped (the batch index moves on); a validation batch
+is replaced by a readable one so every rank runs the same number of validation steps.
 """
 
 from __future__ import annotations
@@ -26,13 +42,20 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from cgpt.data.shards import ShardFormatError, iter_tar_samples
+from cgpt.data.shards import ShardFormatError, read_shard
 
 
 @dataclass(frozen=True)
 class Shard:
+    """One shard: where it is, its sample count and (optionally) its CRC-32 from meta.json."""
+
     url: str
     samples: int
+    crc32: int | None = None
+
+
+class DataReadError(RuntimeError):
+    """No shard a worker needed could be read: the data location is wrong or the data is gone."""
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -40,7 +63,7 @@ def _rng(*key: int) -> np.random.Generator:
 
 
 class PackedStream(IterableDataset):
-    """Micro-batches ``{"tokens": LongTensor (B, seq_len + 1)}`` for one rank.
+    """Micro-batches ``{"tokens": LongTensor (B, seq_len + 1), "batch_index", "bad_shards"}``.
 
     Args:
         shards: the split's shards with their sample counts (from meta.json).
@@ -51,6 +74,7 @@ class PackedStream(IterableDataset):
         shuffle: permute shards and samples (train) or keep file order (validation).
         infinite: run epoch after epoch (train) or stop after one (validation).
         start_batch: micro-batches of this rank already consumed (exact resume).
+        max_batches: cap on micro-batches per epoch (e.g. a quick validation).
     """
 
     def __init__(
@@ -64,12 +88,15 @@ class PackedStream(IterableDataset):
         shuffle: bool = True,
         infinite: bool = True,
         start_batch: int = 0,
+        max_batches: int | None = None,
     ) -> None:
         super().__init__()
         if not shards:
             raise ValueError("no shards to read")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        if micro_batch_size <= 0:
+            raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
         self.shards = list(shards)
         self.sample_len = sample_len
         self.batch = micro_batch_size
@@ -79,103 +106,162 @@ class PackedStream(IterableDataset):
         self.shuffle = shuffle
         self.infinite = infinite
         self.start_batch = start_batch
-        self.split_within_shards = len(self.shards) < world_size
-        self.batches_per_epoch = self._samples_per_rank() // micro_batch_size
-        if self.batches_per_epoch == 0:
+        n = len(self.shards)
+        self.whole_per_rank = n // world_size
+        leftover = n % world_size
+        # Splitting a leftover shard makes every rank read it: allow it while the epoch's shard
+        # reads at most double (always when there are fewer shards than ranks).
+        self.split_leftovers = self.whole_per_rank == 0 or leftover * world_size <= n
+        self.max_batches = max_batches
+        self._counts = np.array([s.samples for s in self.shards], dtype=np.int64)
+        self._epoch_batches_cache: dict[int, int] = {}
+        if self.batches_in_epoch(0) == 0:
             raise ValueError(
-                f"{sum(s.samples for s in self.shards)} samples in {len(self.shards)} shards give rank {rank} "
-                f"fewer than one micro-batch of {micro_batch_size} per epoch with {world_size} ranks: "
-                "lower data.micro_batch_size or prepare more data"
+                f"{sum(s.samples for s in self.shards)} samples in {n} shards give rank {rank} fewer than one "
+                f"micro-batch of {micro_batch_size} per epoch with {world_size} ranks: lower "
+                "data.micro_batch_size, use fewer devices, or prepare more data"
             )
 
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches of the first epoch (later epochs may differ by a few; see batches_in_epoch)."""
+        return self.batches_in_epoch(0)
+
     # --- the epoch plan ----------------------------------------------------------------------
-    def _samples_per_rank(self) -> int:
-        if self.split_within_shards:
-            return sum(s.samples for s in self.shards) // self.world
-        # Worst case over epochs: the ``world`` largest-sum assignment can vary with the shard
-        # permutation, so bound by the smallest sum any rank can get (its share of the smallest shards).
-        counts = sorted(s.samples for s in self.shards)
-        per_rank = len(counts) // self.world
-        return sum(counts[:per_rank])
+    def _order(self, epoch: int) -> np.ndarray:
+        n = len(self.shards)
+        return _rng(self.seed, epoch).permutation(n) if self.shuffle else np.arange(n)
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        """Micro-batches every rank serves in ``epoch``: what the rank with the fewest samples in
+        that epoch's plan can fill (the same number on all ranks, so DDP never waits)."""
+        key = epoch if self.shuffle else 0
+        if key not in self._epoch_batches_cache:
+            counts, world = self._counts[self._order(key)], self.world
+            whole = world * self.whole_per_rank
+            per_rank = np.array([counts[r:whole:world].sum() for r in range(world)])
+            if self.split_leftovers:
+                for c in counts[whole:]:  # rank r keeps positions r, r + world, ... of the shard
+                    per_rank += np.maximum(0, (c - np.arange(world) + world - 1) // world)
+            n = int(per_rank.min()) // self.batch
+            self._epoch_batches_cache[key] = n if self.max_batches is None else min(n, self.max_batches)
+        return self._epoch_batches_cache[key]
+
+    def locate(self, batch: int) -> tuple[int, int, int]:
+        """(epoch, batch within it, batches of earlier epochs) of this rank's ``batch``-th micro-batch."""
+        epoch, before = 0, 0
+        while batch - before >= self.batches_in_epoch(epoch):
+            before += self.batches_in_epoch(epoch)
+            epoch += 1
+        return epoch, batch - before, before
 
     def epoch_plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
         """This rank's (shard index, sample indices in order) for ``epoch``."""
-        order = np.arange(len(self.shards))
-        if self.shuffle:
-            order = _rng(self.seed, epoch).permutation(len(self.shards))
-        mine = order if self.split_within_shards else order[self.rank :: self.world]
+        return self._plan(epoch, self.rank)
+
+    def _plan(self, epoch: int, rank: int) -> list[tuple[int, np.ndarray]]:
+        world = self.world
+        order = self._order(epoch)
+        whole = world * self.whole_per_rank
         plan = []
-        for s in mine:
-            n = self.shards[s].samples
-            idx = _rng(self.seed, epoch, int(s) + 1).permutation(n) if self.shuffle else np.arange(n)
-            if self.split_within_shards:
-                idx = idx[self.rank :: self.world]
-            plan.append((int(s), idx))
+        for pos, s in enumerate(order.tolist()):
+            if pos < whole:
+                if pos % world != rank:
+                    continue
+            elif not self.split_leftovers:
+                continue
+            count = self.shards[s].samples
+            idx = _rng(self.seed, epoch, s + 1).permutation(count) if self.shuffle else np.arange(count)
+            if pos >= whole:
+                idx = idx[rank::world]
+            plan.append((s, idx))
         return plan
 
     # --- iteration ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        bad_shards = 0
-        epoch, first = divmod(self.start_batch, self.batches_per_epoch)
-        last_good: torch.Tensor | None = None
+        epoch, first, before = self.locate(self.start_batch)
+        spare: torch.Tensor | None = None  # a readable validation batch, to stand in for bad ones
+        owed: list[int] = []  # validation batches still to serve once a readable one turns up
+        bad_ids: list[int] = []
         while True:
-            for j, rows, bad in self._epoch_batches(epoch, first, worker, workers):
-                bad_shards += bad
+            reads = [0, 0]  # shards read this epoch, of which unreadable
+            for j, rows, bad in self._epoch_batches(epoch, first, before, worker, workers, reads):
+                j += before if j >= 0 else 0
+                bad_ids.extend(bad)
                 if j < 0:
                     continue
-                if rows is None:
-                    if self.infinite or last_good is None:
-                        continue  # a corrupt shard: training simply moves on
-                    rows = last_good  # keep every rank's validation batch count equal
-                last_good = rows
-                yield {
-                    "tokens": rows,
-                    "batch_index": torch.tensor(epoch * self.batches_per_epoch + j),
-                    "bad_shards": torch.tensor(bad_shards),
-                    "worker": torch.tensor(worker),
-                }
+                if rows is None:  # training simply moves on; validation serves a readable stand-in
+                    if not self.infinite:
+                        if spare is None:
+                            owed.append(j)
+                        else:
+                            yield self._item(spare, j, bad_ids)
+                            bad_ids = []
+                    continue
+                for k in [*owed, j]:
+                    yield self._item(rows, k, bad_ids)
+                    bad_ids = []
+                spare, owed = rows, []
+            if reads[0] and reads[0] == reads[1]:
+                raise DataReadError(
+                    f"rank {self.rank} worker {worker}: none of the {reads[0]} shards it needed in epoch {epoch} "
+                    f"could be read (e.g. {self.shards[0].url}). Check data.dir / data.shard_url."
+                )
             if not self.infinite:
                 return
-            epoch, first = epoch + 1, 0
+            epoch, first, before = epoch + 1, 0, before + self.batches_in_epoch(epoch)
+
+    def _item(self, rows: torch.Tensor, j: int, bad_ids: list[int]) -> dict[str, torch.Tensor]:
+        return {
+            "tokens": rows,
+            "batch_index": torch.tensor(j),
+            "bad_shards": torch.tensor(bad_ids, dtype=torch.long),
+        }
 
     def _epoch_batches(
-        self, epoch: int, first: int, worker: int, workers: int
-    ) -> Iterator[tuple[int, torch.Tensor | None, int]]:
-        """Yield (batch index, rows or None if a sample was unreadable, new bad shards)."""
-        B, n_batches = self.batch, self.batches_per_epoch
+        self, epoch: int, first: int, before: int, worker: int, workers: int, reads: list[int]
+    ) -> Iterator[tuple[int, torch.Tensor | None, list[int]]]:
+        """Yield (batch index in the epoch or -1, rows or None if a sample was unreadable, newly bad
+        shards) for the batches of ``worker``: the (start_batch + worker + i * workers)-th ones."""
+        skew = before - self.start_batch - worker
+        B, n_batches = self.batch, self.batches_in_epoch(epoch)
         pos = 0  # position in this rank's sample sequence
-        current: dict[int, list[np.ndarray | None]] = {}
+        parts: dict[int, list[np.ndarray | None]] = {}  # pieces of batches that span shards
+        filled: dict[int, int] = {}
         for shard_index, idx in self.epoch_plan(epoch):
             lo, hi = pos, pos + len(idx)
             pos = hi
-            wanted = [j for j in range(lo // B, min(n_batches, -(-hi // B))) if j >= first and j % workers == worker]
+            wanted = [j for j in range(max(first, lo // B), min(n_batches, -(-hi // B))) if (j + skew) % workers == 0]
             if not wanted:
+                if lo >= n_batches * B:
+                    break
                 continue
-            samples, bad = self._read_shard(shard_index)
+            samples = self._read_shard(shard_index)
+            bad = [] if samples is not None else [shard_index]
+            reads[0] += 1
+            reads[1] += len(bad)
             for j in wanted:
-                rows = current.setdefault(j, [])
-                for p in range(max(j * B, lo), min((j + 1) * B, hi)):
-                    rows.append(None if samples is None else samples[idx[p - lo]])
-                if len(rows) == B:
-                    del current[j]
-                    ok = all(r is not None for r in rows)
-                    yield j, (torch.from_numpy(np.stack(rows).astype(np.int64)) if ok else None), bad
-                    bad = 0
+                a, b = max(j * B, lo), min((j + 1) * B, hi)
+                parts.setdefault(j, []).append(None if samples is None else samples[idx[a - lo : b - lo]])
+                filled[j] = filled.get(j, 0) + b - a
+                if filled[j] == B:
+                    pieces = parts.pop(j)
+                    del filled[j]
+                    ok = all(p is not None for p in pieces)
+                    yield j, (torch.from_numpy(np.concatenate(pieces).astype(np.int64)) if ok else None), bad
+                    bad = []
             if bad:
-                yield -1, None, bad  # a corrupt shard none of whose batches completed here
+                yield -1, None, bad  # a bad shard none of whose batches completed here
 
-    def _read_shard(self, s: int) -> tuple[np.ndarray | None, int]:
-        import webdataset as wds
-
+    def _read_shard(self, s: int) -> np.ndarray | None:
         shard = self.shards[s]
         try:
-            with wds.gopen(shard.url, "rb") as stream:
-                arr = np.stack(list(iter_tar_samples(stream, shard.url, self.sample_len)))
+            arr = read_shard(shard.url, self.sample_len, shard.samples, shard.crc32)
             if len(arr) != shard.samples:
                 raise ShardFormatError(f"{shard.url}: {len(arr)} samples, meta.json says {shard.samples}")
-            return arr, 0
+            return arr
         except (ShardFormatError, OSError, ValueError) as e:
             warnings.warn(f"skipping unreadable shard: {e}", stacklevel=2)
-            return None, 1
+            return None
