@@ -55,7 +55,9 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, CerebrasGPTModule, PackedDataModu
         num_workers=data_cfg["num_workers"], seed=cfg.seed, shard_url=data_cfg["shard_url"],
         val_batches=data_cfg["val_batches"],
     )  # fmt: skip
-    datamodule.validate(data_cfg["seq_len"], module.model_config.vocab_size)
+    datamodule.validate(
+        data_cfg["seq_len"], module.model_config.vocab_size, block_size=module.model_config.block_size
+    )
     if init_from:
         from cgpt.init_from import check_tokenizer
 
