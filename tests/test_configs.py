@@ -1,0 +1,78 @@
+"""Every Hydra config composes, resolves and instantiates (lightning-hydra-template style)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+
+from cgpt.config import ModelConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF = REPO_ROOT / "conf"
+
+
+def _compose(tmp_path: Path, overrides: list[str]):
+    os.environ.setdefault("CGPT_ROOT", str(REPO_ROOT))
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("pretrain", overrides=[f"hydra.run.dir={tmp_path}", *overrides], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("option", _options("model"))
+def test_every_model_option_builds_a_valid_config(tmp_path: Path, option: str) -> None:
+    cfg = _compose(tmp_path, [f"model={option}"])
+    model_cfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model))
+    assert model_cfg.name == cfg.model.name
+
+
+@pytest.mark.parametrize("option", _options("experiment"))
+def test_every_experiment_composes(tmp_path: Path, option: str) -> None:
+    cfg = _compose(tmp_path, [f"experiment={option}"])
+    assert cfg.paths.output_dir == str(tmp_path)
+    assert cfg.data.micro_batch_size > 0
+
+
+@pytest.mark.parametrize("option", _options("logger"))
+def test_every_logger_instantiates_offline(tmp_path: Path, option: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = _compose(tmp_path, [f"logger={option}"])
+    if cfg.logger.get("_target_") is None:
+        return
+    logger = instantiate(cfg.logger)
+    assert logger is not None
+
+
+def test_default_callbacks_instantiate(tmp_path: Path) -> None:
+    cfg = _compose(tmp_path, [])
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    assert len(callbacks) == len(cfg.callbacks) >= 3
+
+
+@pytest.mark.parametrize("group", ["optim", "scheduler", "trainer", "data", "paths", "strategy", "callbacks"])
+def test_every_option_of_the_other_groups_composes(tmp_path: Path, group: str) -> None:
+    for option in _options(group):
+        cfg = _compose(tmp_path, [f"{group}={option}"])
+        assert cfg[group] is not None
+
+
+def test_paths_never_depend_on_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = _compose(tmp_path / "out", [])
+    assert cfg.paths.root_dir == str(REPO_ROOT)
+    assert cfg.data.dir.startswith(str(REPO_ROOT))
