@@ -1,0 +1,168 @@
+"""sbatch rendering (against committed expected scripts), the resource preflight, and the signal ->
+checkpoint -> stop path of the preemption callback (no SLURM needed; see test_slurm_cluster.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from cgpt.config import ConfigError
+from cgpt.slurm import SlurmConfig, check_environment, check_resources, parse_time, render_sbatch, requeue_job_id
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXPECTED = REPO_ROOT / "tests" / "expected"
+COMMON = ["paths.root_dir=/srv/cgpt", "slurm.python=python"]
+CASES = {
+    # One node, 8 GPUs, the demo model.
+    "single_node_8gpu": ["slurm.gpus_per_node=8", "slurm.partition=gpu", "slurm.time=12:00:00", "slurm.mem=0"],
+    # 4 nodes x 8 GPUs with an account, setup lines and a network interface for NCCL.
+    "multi_node_4x8": [
+        "model=cerebras_gpt_111m",
+        "run_name=gpt111m",
+        "slurm.nodes=4",
+        "slurm.gpus_per_node=8",
+        "slurm.time=1-00:00:00",
+        "slurm.partition=gpu",
+        "slurm.account=proj42",
+        "slurm.signal_seconds=600",
+        "slurm.setup=[module load cuda/12.4,source /srv/venv/bin/activate]",
+        "+slurm.env.NCCL_SOCKET_IFNAME=ib0",
+        "slurm.extra_sbatch=[--exclusive]",
+    ],  # fmt: skip
+    # What the SLURM tests submit: 2 CPU tasks, DDP over gloo.
+    "cpu_2tasks": [
+        "experiment=smoke",
+        "strategy=ddp",
+        "slurm.gpus_per_node=2",
+        "slurm.cpus_per_task=1",
+        "slurm.time=10",
+        "slurm.signal_seconds=60",
+    ],  # fmt: skip
+}
+
+
+def _submit_main():
+    sys.path.insert(0, str(REPO_ROOT / "slurm"))
+    try:
+        from submit import main
+    finally:
+        sys.path.remove(str(REPO_ROOT / "slurm"))
+    return main
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rendered_scripts_match_the_committed_ones(case: str, capsys: pytest.CaptureFixture) -> None:
+    script = _submit_main()(["--dry-run", *COMMON, *CASES[case]])
+    assert capsys.readouterr().out == script
+    expected = EXPECTED / f"sbatch_{case}.sh"
+    if os.environ.get("CGPT_UPDATE_EXPECTED"):
+        expected.write_text(script)
+    assert expected.is_file(), f"missing {expected}; run with CGPT_UPDATE_EXPECTED=1 to create it"
+    assert script == expected.read_text(), (
+        f"rendered script differs from {expected}; if intended, run CGPT_UPDATE_EXPECTED=1 pytest {__file__}"
+    )
+
+
+def test_rendered_script_has_one_task_per_device_signal_and_requeue() -> None:
+    script = (EXPECTED / "sbatch_multi_node_4x8.sh").read_text()
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --signal=USR1@600", "#SBATCH --requeue", "#SBATCH --exclusive",
+                 "export NCCL_SOCKET_IFNAME=ib0", "export MASTER_PORT=", "trainer.devices=8",
+                 "trainer.num_nodes=4"):  # fmt: skip
+        assert line in script, line
+    cpu = (EXPECTED / "sbatch_cpu_2tasks.sh").read_text()
+    assert "--gpus-per-node" not in cpu and "NCCL" not in cpu and "#SBATCH --ntasks-per-node=2" in cpu
+
+
+def test_preflight_refuses_trainer_sbatch_mismatch(capsys: pytest.CaptureFixture) -> None:
+    main = _submit_main()
+    with pytest.raises(ConfigError, match="trainer.devices=4 but slurm.gpus_per_node=8"):
+        main(["--dry-run", *COMMON, "slurm.gpus_per_node=8", "trainer.devices=4"])
+    with pytest.raises(ConfigError, match="trainer.num_nodes=1 but slurm.nodes=2"):
+        main(["--dry-run", *COMMON, "slurm.nodes=2", "trainer.num_nodes=1"])
+    with pytest.raises(ConfigError, match="slurm.accelerator=cpu"):
+        main(["--dry-run", *COMMON, "trainer.accelerator=cpu", "slurm.accelerator=gpu"])
+    with pytest.raises(ConfigError, match="not divisible"):
+        main(["--dry-run", *COMMON, "slurm.gpus_per_node=3", "data.global_batch_size=8", "data.micro_batch_size=2"])
+    assert capsys.readouterr().out == ""  # nothing rendered for a refused config
+
+
+def test_check_resources_and_environment() -> None:
+    s = SlurmConfig(nodes=2, gpus_per_node=4)
+    check_resources(s, 4, 2, "gpu")
+    with pytest.raises(ConfigError, match="under SLURM give a number"):
+        check_resources(s, "auto", 2, "gpu")
+    env = {"SLURM_STEP_ID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_NAME": "cgpt"}
+    check_environment(4, 2, env)
+    with pytest.raises(ConfigError, match="runs 8 tasks but trainer.devices=1"):
+        check_environment(1, 1, env)
+    check_environment(1, 1, {"SLURM_JOB_NAME": "cgpt", "SLURM_NTASKS": "8"})  # the batch shell, not a step
+    check_environment(1, 1, {**env, "SLURM_JOB_NAME": "bash"})  # interactive allocation
+
+
+def test_slurm_config_validation_and_times() -> None:
+    assert parse_time("30") == 1800 and parse_time("1:30") == 90 and parse_time("2:00:00") == 7200
+    assert parse_time("1-12") == 129600 and parse_time("1-00:00:30") == 86430
+    with pytest.raises(ConfigError, match="not a SLURM time"):
+        parse_time("2h")
+    with pytest.raises(ConfigError, match="signal_seconds=600 must be"):
+        SlurmConfig(time="5", signal_seconds=600)
+    with pytest.raises(ConfigError, match="gpus_per_node must be a positive integer"):
+        SlurmConfig(gpus_per_node=0)
+    assert "--no-requeue" in render_sbatch(SlurmConfig(requeue=False), ["python", "x.py"])
+    assert requeue_job_id({"SLURM_JOB_ID": "7"}) == "7"
+    assert requeue_job_id({"SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "2"}) == "7_2"
+    assert requeue_job_id({}) is None
+
+
+@pytest.mark.slow
+def test_signal_saves_checkpoint_at_step_boundary_and_stops(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """SIGUSR1 mid-run: last.ckpt at the next step, exit code 3; the re-run resumes and finishes with
+    the same loss as an uninterrupted run."""
+    from conftest import run_script
+
+    args = ["train/pretrain.py", "experiment=smoke", f"data.dir={tiny_data_dir}", "data.micro_batch_size=2",
+            "data.global_batch_size=2", "trainer.max_steps=8", "trainer.validate_every_steps=8",
+            "callbacks.checkpoint.every_n_steps=100", "sample=null", "logger=none"]  # fmt: skip
+    ref = tmp_path / "ref"
+    run_script([*args, f"paths.output_dir={ref}"], timeout=240)
+
+    import subprocess
+
+    out = tmp_path / "pre"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, *args, f"paths.output_dir={out}", "+callbacks.signal._target_=test_slurm.SignalAtStep",
+           "+callbacks.signal.step=3"]  # fmt: skip
+    env["PYTHONPATH"] = str(REPO_ROOT / "tests")
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "preempted: saved" in proc.stdout and "at step 3" in proc.stdout
+    assert (out / "checkpoints" / "last.ckpt").is_file() and not (out / "summary.json").exists()
+    resumed = run_script([*args, f"paths.output_dir={out}"], timeout=240)
+    assert "resuming from" in resumed.stdout
+    import json
+
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (ref, out))
+    assert b["steps"] == a["steps"] == 8 and b["steps_this_run"] == 5
+    assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-5)
+    assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-5)
+
+
+try:
+    import lightning as L
+
+    class SignalAtStep(L.Callback):
+        """Test helper: the process sends itself SIGUSR1 after optimizer step ``step``."""
+
+        def __init__(self, step: int) -> None:
+            self.step = step
+
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            if trainer.global_step == self.step and trainer.is_global_zero:
+                os.kill(os.getpid(), signal.SIGUSR1)
+except ImportError:  # pragma: no cover
+    pass
