@@ -167,10 +167,11 @@ class PackedDataModule(L.LightningDataModule):
             return batch
         trainer = getattr(self, "trainer", None)
         bad = batch.pop("bad_shards", None)
-        if bad is not None and bad.numel():
+        bad = bad.tolist() if isinstance(bad, torch.Tensor) else list(bad or ())
+        if bad:
             split = "train" if trainer is None or trainer.training else "val"
             shards = self.meta.shards(split)
-            new = {shards[i]["name"] for i in bad.tolist()} - self.bad_shard_names
+            new = {shards[int(i)]["name"] for i in bad} - self.bad_shard_names
             if new:
                 self.bad_shard_names |= new
                 print(

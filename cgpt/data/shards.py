@@ -138,7 +138,7 @@ def _fast_decode(data: bytes, sample_len: int, samples: int) -> np.ndarray | Non
         and not buf[end : end + 2 * TAR_BLOCK].any()
     ):
         return None
-    return members[:, TAR_BLOCK : TAR_BLOCK + nbytes].copy().view(TOKEN_DTYPE)
+    return members[:, TAR_BLOCK : TAR_BLOCK + nbytes].view(TOKEN_DTYPE)  # a read-only view of data
 
 
 def read_shard(url: str, sample_len: int, samples: int | None = None, expected_crc32: int | None = None) -> np.ndarray:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,7 +64,10 @@ def _rng(*key: int) -> np.random.Generator:
 
 
 class PackedStream(IterableDataset):
-    """Micro-batches ``{"tokens": LongTensor (B, seq_len + 1), "batch_index", "bad_shards"}``.
+    """Micro-batches ``{"tokens": LongTensor (B, seq_len + 1), "batch_index": int, "bad_shards": [int]}``.
+
+    ``batch_index`` counts this rank's micro-batches from the start of training (the resume
+    position); ``bad_shards`` lists shards found unreadable since the previous batch.
 
     Args:
         shards: the split's shards with their sample counts (from meta.json).
@@ -178,7 +182,7 @@ class PackedStream(IterableDataset):
         return plan
 
     # --- iteration ---------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch, first, before = self.locate(self.start_batch)
@@ -213,12 +217,10 @@ class PackedStream(IterableDataset):
                 return
             epoch, first, before = epoch + 1, 0, before + self.batches_in_epoch(epoch)
 
-    def _item(self, rows: torch.Tensor, j: int, bad_ids: list[int]) -> dict[str, torch.Tensor]:
-        return {
-            "tokens": rows,
-            "batch_index": torch.tensor(j),
-            "bad_shards": torch.tensor(bad_ids, dtype=torch.long),
-        }
+    def _item(self, rows: torch.Tensor, j: int, bad_ids: list[int]) -> dict[str, Any]:
+        # Plain ints travel from worker processes almost for free; each tensor costs a shared-memory
+        # segment, so only the tokens are one.
+        return {"tokens": rows, "batch_index": j, "bad_shards": list(bad_ids)}
 
     def _epoch_batches(
         self, epoch: int, first: int, before: int, worker: int, workers: int, reads: list[int]
