@@ -108,6 +108,13 @@ class ProgressPrinter(L.Callback):
         self._print(trainer, f"step {trainer.global_step}: val loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.1f})")
 
 
+def _bad_shards(datamodule: Any) -> int:
+    """Unreadable shards the data module skipped, over all ranks (a collective: every rank calls it)."""
+    if hasattr(datamodule, "bad_shards_all_ranks"):
+        return datamodule.bad_shards_all_ranks()
+    return getattr(datamodule, "bad_shards", 0)
+
+
 class RunSummary(L.Callback):
     """Collects what a run did and writes ``summary.json`` (rank 0 only) when :meth:`write` is
     called: final losses, steps, tokens, speed, wall time, and the resolved config."""
@@ -147,7 +154,7 @@ class RunSummary(L.Callback):
             "mfu": throughput.mfu if throughput is not None else None,
             "wall_time_sec": wall,
             "num_params": pl_module.model.num_params() if pl_module.model is not None else None,
-            "bad_shards_skipped": getattr(trainer.datamodule, "bad_shards", 0),
+            "bad_shards_skipped": _bad_shards(trainer.datamodule),
             **extra,
             "config": self.config,
         }

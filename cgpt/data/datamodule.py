@@ -119,6 +119,18 @@ class PackedDataModule(L.LightningDataModule):
         runs this one resumes)."""
         return len(self.bad_shard_names)
 
+    def bad_shards_all_ranks(self) -> int:
+        """Distinct unreadable shards skipped by any rank. A collective under DDP: call it on every
+        rank (RunSummary.write does)."""
+        import torch.distributed as dist
+
+        names = set(self.bad_shard_names)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, sorted(names))
+            names = {n for part in gathered for n in part}
+        return len(names)
+
     # --- loaders -----------------------------------------------------------------------------
     def _shards(self, split: str) -> list[Shard]:
         out = []
