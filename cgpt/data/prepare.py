@@ -138,7 +138,7 @@ def prepare(
     tokenizer_dir: str | None = None,
     log: Callable[[str], None] | None = None,
     batch_chars: int = 8 << 20,
-    piece_chars: int = 1 << 20,
+    piece_chars: int = 1 << 16,
     progress_every: float = 30.0,
 ) -> DatasetMeta:
     """Tokenize, pack and shard ``inputs`` into ``out_dir``; return the written metadata.
@@ -155,8 +155,8 @@ def prepare(
         log: where progress and summary lines go (default: stderr).
         batch_chars: characters tokenized per parallel batch (the tokenizer spreads a batch's
             documents over all cores while the next batch is read).
-        piece_chars: long .txt documents are tokenized in pieces of about this many characters
-            (cut where the result is identical to tokenizing the whole document).
+        piece_chars: long documents are tokenized in pieces of about this many characters (cut
+            where the result is identical to tokenizing the whole document).
         progress_every: seconds between progress lines when stderr is not a terminal.
     """
     tty = log is None and sys.stderr.isatty()

@@ -2,9 +2,10 @@
 
 A ``.txt`` file is one document; every line of a ``.jsonl`` file is one document (its text field).
 Everything streams: no file is read into memory whole, so inputs may be larger than RAM. A long
-``.txt`` document comes out in pieces cut where GPT-2's pre-tokenizer would split anyway (after a
-newline between non-space characters, else before a space), so tokenizing the pieces gives the
-same ids as tokenizing the whole document.
+document comes out in pieces cut where GPT-2's pre-tokenizer would split anyway (after a newline
+between non-space characters, else before a space), so tokenizing the pieces gives the same ids
+as tokenizing the whole document. (Only a run of over ``2 * piece_chars`` characters with no
+space or newline gets a hard cut, which may change the tokens at that one point.)
 """
 
 from __future__ import annotations
@@ -151,12 +152,13 @@ def iter_text_pieces(f: IO[str], piece_chars: int) -> Iterator[str]:
 
 
 def iter_documents(
-    files: list[Path], text_key: str = "text", piece_chars: int = 1 << 20, progress: list[int] | None = None
+    files: list[Path], text_key: str = "text", piece_chars: int = 1 << 16, progress: list[int] | None = None
 ) -> Iterator[tuple[str, bool]]:
     """Yield ``(text, last)`` pieces of documents in file order; ``last`` marks a document's end.
 
-    Empty documents are skipped. Documents of a ``.txt`` longer than ``2 * piece_chars`` come in
-    several pieces (see :func:`iter_text_pieces`); a ``.jsonl`` document is always one piece.
+    Empty documents are skipped. Documents longer than ``2 * piece_chars`` come in several pieces
+    (see :func:`iter_text_pieces`): a huge .txt never sits in memory whole, and the tokenizer's
+    threads get pieces of similar size to share.
     ``progress``, when given, is updated in place to ``[files done, raw bytes of the current file]``.
     """
     for n, path in enumerate(files):
@@ -187,7 +189,14 @@ def iter_documents(
                         raise DataSourceError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
                     if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
                         raise DataSourceError(f"{path}:{lineno}: expected an object with a string field {text_key!r}")
-                    if record[text_key].strip():
-                        yield record[text_key], True
+                    text = record[text_key]
+                    if not text.strip():
+                        continue
+                    if len(text) <= 2 * piece_chars:
+                        yield text, True
+                        continue
+                    pieces = list(iter_text_pieces(io.StringIO(text), piece_chars))
+                    for i, piece in enumerate(pieces):
+                        yield piece, i == len(pieces) - 1
         if progress is not None:
             progress[:] = [n + 1, 0]
