@@ -24,7 +24,7 @@ def test_resumed_run_sees_the_same_batches(tiny_data_dir: Path, tmp_path: Path) 
     shutil.copytree(tiny_data_dir, data)
     dm = PackedDataModule(str(data), micro_batch_size=4, seed=1234)
     stream = dm.train_dataloader().dataset
-    first_shard = dm.meta.shards("train")[stream.epoch_plan(0)[0][0]]["name"]
+    first_shard = dm.meta.shards("train")[stream.epoch_plan(0)[0][0][0]]["name"]
     raw = (data / first_shard).read_bytes()
     (data / first_shard).write_bytes(raw[: len(raw) // 2])  # truncated: read first, skipped
 

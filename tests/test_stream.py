@@ -154,3 +154,15 @@ def test_too_little_data_is_refused(tmp_path: Path) -> None:
 def test_tokens_are_int64_tensors(tmp_path: Path) -> None:
     b = next(iter(PackedStream(make_shards(tmp_path, [4]), SAMPLE_LEN, 2)))
     assert b["tokens"].dtype == torch.long and b["tokens"].shape == (2, SAMPLE_LEN)
+
+
+def test_batches_mix_shards(tmp_path: Path) -> None:
+    shards = make_shards(tmp_path, [16] * 8)
+
+    def shards_per_batch(mix: int) -> list[int]:
+        got = batches(PackedStream(shards, SAMPLE_LEN, 4, seed=0, infinite=False, mix_shards=mix))
+        return [len({i // 16 for i in b}) for b in got]
+
+    assert set(shards_per_batch(1)) == {1}  # one shard at a time
+    mixed = shards_per_batch(4)
+    assert max(mixed) > 1 and sum(m > 1 for m in mixed) > len(mixed) // 2

@@ -34,6 +34,8 @@ class PackedDataModule(L.LightningDataModule):
         shard_url: optional template for where shards live, with ``{name}`` for the file name,
             e.g. ``pipe:aws s3 cp s3://bucket/pile/{name} -``. Any URL webdataset opens works.
         val_batches: cap on validation micro-batches per rank (``None``: the whole split).
+        mix_shards: training shards shuffled together, so each micro-batch mixes this many
+            shards (each dataloader worker holds as many in memory).
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class PackedDataModule(L.LightningDataModule):
         seed: int = 0,
         shard_url: str | None = None,
         val_batches: int | None = None,
+        mix_shards: int = 4,
     ) -> None:
         super().__init__()
         self.data_dir = str(data_dir)
@@ -52,6 +55,7 @@ class PackedDataModule(L.LightningDataModule):
         self.seed = seed
         self.shard_url = shard_url
         self.val_batches = val_batches
+        self.mix_shards = mix_shards
         self.meta = DatasetMeta.load(self.data_dir)
         self.consumed_micro_batches = 0  # of this rank; saved in checkpoints for exact resume
         self.bad_shard_names: set[str] = set()  # unreadable shards skipped (also saved in checkpoints)
@@ -161,7 +165,7 @@ class PackedDataModule(L.LightningDataModule):
         self.consumed_micro_batches = start
         stream = PackedStream(
             self._shards("train"), self.meta.sample_len, self.micro_batch_size, rank, world,
-            seed=self.seed, shuffle=True, infinite=True, start_batch=start,
+            seed=self.seed, shuffle=True, infinite=True, start_batch=start, mix_shards=self.mix_shards,
         )  # fmt: skip
         return self._loader(stream)
 

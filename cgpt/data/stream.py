@@ -9,7 +9,9 @@ The order of one epoch is a pure function of (seed, epoch, shard list, rank, wor
    lost. Fewer shards than ranks is the case ``n // world == 0``: every rank reads every shard.
    When splitting the leftovers would more than double the shard reads of an epoch (many ranks,
    ``n % world`` large), they are skipped for that epoch instead (different shards each epoch);
-3. each shard's samples are permuted with (seed, epoch, shard) — a full in-shard shuffle;
+3. a rank's shards are taken ``mix_shards`` at a time (leftover shards likewise) and the samples
+   of each such group are permuted together with (seed, epoch, group): every micro-batch mixes
+   several shards, and within a group the shuffle is complete (no buffer to fill or drain);
 4. every rank serves the same number of micro-batches in an epoch: what the rank with the fewest
    samples in that epoch's plan can fill, known to all ranks from the per-shard counts in
    meta.json, so DDP never waits on a rank that ran out. The samples past it on the other ranks
@@ -22,6 +24,7 @@ The order of one epoch is a pure function of (seed, epoch, shard list, rank, wor
    rank and keeps its own batches' samples; one worker is meant to suffice, see bench/.)
 
 No sample is served twice within an epoch across ranks x workers, and together they cover it.
+Validation reads in file order (no shuffle, no mixing).
 Resuming is exact: start at micro-batch ``k`` and the stream continues with exactly the batches
 an uninterrupted run would have seen next, whatever the worker count; shards holding only
 already-consumed batches are not even read.
@@ -79,6 +82,8 @@ class PackedStream(IterableDataset):
         infinite: run epoch after epoch (train) or stop after one (validation).
         start_batch: micro-batches of this rank already consumed (exact resume).
         max_batches: cap on micro-batches per epoch (e.g. a quick validation).
+        mix_shards: shards shuffled together (each micro-batch mixes samples of this many
+            shards); a worker holds that many shards in memory.
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class PackedStream(IterableDataset):
         infinite: bool = True,
         start_batch: int = 0,
         max_batches: int | None = None,
+        mix_shards: int = 4,
     ) -> None:
         super().__init__()
         if not shards:
@@ -101,6 +107,8 @@ class PackedStream(IterableDataset):
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if micro_batch_size <= 0:
             raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
+        if mix_shards <= 0:
+            raise ValueError(f"mix_shards must be positive, got {mix_shards}")
         self.shards = list(shards)
         self.sample_len = sample_len
         self.batch = micro_batch_size
@@ -117,6 +125,7 @@ class PackedStream(IterableDataset):
         # reads at most double (always when there are fewer shards than ranks).
         self.split_leftovers = self.whole_per_rank == 0 or leftover * world_size <= n
         self.max_batches = max_batches
+        self.mix = mix_shards if shuffle else 1
         self._counts = np.array([s.samples for s in self.shards], dtype=np.int64)
         self._epoch_batches_cache: dict[int, int] = {}
         if self.batches_in_epoch(0) == 0:
@@ -145,7 +154,8 @@ class PackedStream(IterableDataset):
             whole = world * self.whole_per_rank
             per_rank = np.array([counts[r:whole:world].sum() for r in range(world)])
             if self.split_leftovers:
-                for c in counts[whole:]:  # rank r keeps positions r, r + world, ... of the shard
+                for g in range(whole, len(counts), self.mix):  # rank r keeps positions r, r + world, ...
+                    c = counts[g : g + self.mix].sum()
                     per_rank += np.maximum(0, (c - np.arange(world) + world - 1) // world)
             n = int(per_rank.min()) // self.batch
             self._epoch_batches_cache[key] = n if self.max_batches is None else min(n, self.max_batches)
@@ -159,26 +169,23 @@ class PackedStream(IterableDataset):
             epoch += 1
         return epoch, batch - before, before
 
-    def epoch_plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
-        """This rank's (shard index, sample indices in order) for ``epoch``."""
+    def epoch_plan(self, epoch: int) -> list[tuple[tuple[int, ...], np.ndarray]]:
+        """This rank's units for ``epoch``: (shard indices, sample positions in the concatenation
+        of those shards, in serving order)."""
         return self._plan(epoch, self.rank)
 
-    def _plan(self, epoch: int, rank: int) -> list[tuple[int, np.ndarray]]:
-        world = self.world
-        order = self._order(epoch)
+    def _plan(self, epoch: int, rank: int) -> list[tuple[tuple[int, ...], np.ndarray]]:
+        world, order = self.world, self._order(epoch).tolist()
         whole = world * self.whole_per_rank
+        mine = order[rank:whole:world]
+        rest = order[whole:] if self.split_leftovers else []
         plan = []
-        for pos, s in enumerate(order.tolist()):
-            if pos < whole:
-                if pos % world != rank:
-                    continue
-            elif not self.split_leftovers:
-                continue
-            count = self.shards[s].samples
-            idx = _rng(self.seed, epoch, s + 1).permutation(count) if self.shuffle else np.arange(count)
-            if pos >= whole:
-                idx = idx[rank::world]
-            plan.append((s, idx))
+        for group, split in ((mine, False), (rest, True)):
+            for g in range(0, len(group), self.mix):
+                unit = tuple(group[g : g + self.mix])
+                total = int(self._counts[list(unit)].sum())
+                idx = _rng(self.seed, epoch, unit[0] + 1).permutation(total) if self.shuffle else np.arange(total)
+                plan.append((unit, idx[rank::world] if split else idx))
         return plan
 
     # --- iteration ---------------------------------------------------------------------------
@@ -232,7 +239,7 @@ class PackedStream(IterableDataset):
         pos = 0  # position in this rank's sample sequence
         parts: dict[int, list[np.ndarray | None]] = {}  # pieces of batches that span shards
         filled: dict[int, int] = {}
-        for shard_index, idx in self.epoch_plan(epoch):
+        for unit, idx in self.epoch_plan(epoch):
             lo, hi = pos, pos + len(idx)
             pos = hi
             wanted = [j for j in range(max(first, lo // B), min(n_batches, -(-hi // B))) if (j + skew) % workers == 0]
@@ -240,13 +247,14 @@ class PackedStream(IterableDataset):
                 if lo >= n_batches * B:
                     break
                 continue
-            samples = self._read_shard(shard_index)
-            bad = [] if samples is not None else [shard_index]
-            reads[0] += 1
+            samples, unreadable, bad = self._read_unit(unit)
+            reads[0] += len(unit)
             reads[1] += len(bad)
             for j in wanted:
                 a, b = max(j * B, lo), min((j + 1) * B, hi)
-                parts.setdefault(j, []).append(None if samples is None else samples[idx[a - lo : b - lo]])
+                rows = idx[a - lo : b - lo]
+                broken = unreadable is not None and unreadable[rows].any()
+                parts.setdefault(j, []).append(None if broken else samples[rows])
                 filled[j] = filled.get(j, 0) + b - a
                 if filled[j] == B:
                     pieces = parts.pop(j)
@@ -255,7 +263,22 @@ class PackedStream(IterableDataset):
                     yield j, (torch.from_numpy(np.concatenate(pieces).astype(np.int64)) if ok else None), bad
                     bad = []
             if bad:
-                yield -1, None, bad  # a bad shard none of whose batches completed here
+                yield -1, None, bad  # bad shards none of whose batches completed here
+
+    def _read_unit(self, unit: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
+        """The unit's samples concatenated, a mask of unreadable ones (None: all fine), bad shards."""
+        arrays, bad = [], []
+        for s in unit:
+            arr = self._read_shard(s)
+            if arr is None:
+                bad.append(s)
+                arr = np.zeros((self.shards[s].samples, self.sample_len), dtype=np.uint16)
+            arrays.append(arr)
+        samples = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        if not bad:
+            return samples, None, bad
+        unreadable = np.concatenate([np.full(len(a), s in bad) for a, s in zip(arrays, unit, strict=True)])
+        return samples, unreadable, bad
 
     def _read_shard(self, s: int) -> np.ndarray | None:
         shard = self.shards[s]
