@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("CGPT_ROOT", str(REPO_ROOT))
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
+
+# SLURM's USR1 (time limit near) during start-up would kill the process: remember it instead, and
+# let cgpt.preemption.PreemptionHandler act on it at the first step (see build()).
+STARTUP_SIGNALS: list[int] = []
+signal.signal(signal.SIGUSR1, lambda signum, _: STARTUP_SIGNALS.append(signum))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
@@ -22,7 +28,9 @@ from cgpt.checkpoint import AtomicCheckpointIO, resume_checkpoint  # noqa: E402
 from cgpt.data.datamodule import PackedDataModule  # noqa: E402
 from cgpt.hardware import resolve_precision  # noqa: E402
 from cgpt.lit_module import CerebrasGPTModule  # noqa: E402
+from cgpt.preemption import PreemptionHandler  # noqa: E402
 from cgpt.preflight import plan_batch  # noqa: E402
+from cgpt.slurm import check_environment  # noqa: E402
 
 TRAINER_EXTRA_KEYS = ("validate_every_steps",)
 
@@ -53,7 +61,7 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, CerebrasGPTModule, PackedDataModu
     datamodule = PackedDataModule(
         data_dir=data_cfg["dir"], micro_batch_size=data_cfg["micro_batch_size"],
         num_workers=data_cfg["num_workers"], seed=cfg.seed, shard_url=data_cfg["shard_url"],
-        val_batches=data_cfg["val_batches"],
+        val_batches=data_cfg["val_batches"], mix_shards=data_cfg.get("mix_shards", 4),
     )  # fmt: skip
     datamodule.validate(
         data_cfg["seq_len"], module.model_config.vocab_size, block_size=module.model_config.block_size
@@ -72,6 +80,7 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, CerebrasGPTModule, PackedDataModu
         data_cfg["global_batch_size"] or module.recipe.batch_size, data_cfg["micro_batch_size"],
         trainer_cfg["devices"], trainer_cfg["num_nodes"],
     )  # fmt: skip
+    check_environment(trainer_cfg["devices"], trainer_cfg["num_nodes"])  # srun tasks == devices x nodes
     module.set_runtime(datamodule.seq_len, plan.global_batch_size)
     trainer_cfg["precision"] = resolve_precision(trainer_cfg["precision"], trainer_cfg["accelerator"])
 
@@ -82,6 +91,11 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, CerebrasGPTModule, PackedDataModu
                             "precision": trainer_cfg["precision"]}  # fmt: skip
     summary = RunSummary(str(out_dir / "summary.json"), resolved)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None] + [summary]
+    if cfg.get("preemption"):  # checkpoint + requeue on SIGUSR1/SIGTERM (cgpt/preemption.py)
+        callbacks.append(PreemptionHandler(str(out_dir / "checkpoints"), **container(cfg.preemption)))
+        callbacks[-1].received = STARTUP_SIGNALS[0] if STARTUP_SIGNALS else None
+    else:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     logger = instantiate(cfg.logger) if cfg.logger and cfg.logger.get("_target_") else False
     trainer = L.Trainer(
         **trainer_cfg,
@@ -90,12 +104,19 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, CerebrasGPTModule, PackedDataModu
         val_check_interval=validate_every * plan.accumulate_grad_batches,  # counted in micro-batches
         check_val_every_n_epoch=None,
         strategy=cfg.strategy.name,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *_cluster_plugins()],
         callbacks=callbacks,
         logger=logger,
         default_root_dir=str(out_dir),
     )
     return trainer, module, datamodule, summary
+
+
+def _cluster_plugins() -> list[Any]:
+    """Under SLURM, Lightning's own requeue handler is off: cgpt.preemption is the one mechanism."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
 
 
 def fit(cfg: DictConfig) -> dict[str, Any]:
@@ -116,6 +137,9 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     if trainer.interrupted:
         raise SystemExit("training was interrupted; re-run the same command to resume")
+    preemption = next((c for c in trainer.callbacks if isinstance(c, PreemptionHandler)), None)
+    if preemption is not None and preemption.stopped:
+        preemption.requeue_or_exit(trainer.is_global_zero)  # checkpoint saved: requeue and exit
     if trainer.global_step and summary.last_val_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     sample = _sample(cfg, module) if trainer.is_global_zero else None
