@@ -25,6 +25,7 @@ import torch
 
 from cgpt.config import GPT2_EOS_ID, GPT2_VOCAB_SIZE, ModelConfig
 from cgpt.model import GPT
+from cgpt.presets import PRESETS
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -70,7 +71,7 @@ def config_from_hf(hf_config: dict[str, Any], source: str | os.PathLike = CONFIG
         if hf_config.get(flag, False):
             raise HFConversionError(f"{where}: {flag}=true is not supported by cgpt")
     d_model = hf_config["n_embd"]
-    return ModelConfig(
+    config = ModelConfig(
         n_layer=hf_config["n_layer"],
         d_model=d_model,
         n_head=hf_config["n_head"],
@@ -79,8 +80,21 @@ def config_from_hf(hf_config: dict[str, Any], source: str | os.PathLike = CONFIG
         block_size=hf_config["n_positions"],
         layer_norm_eps=hf_config.get("layer_norm_epsilon", 1e-5),
         init_std=hf_config.get("initializer_range", 0.02),
-        name=hf_config.get("_name_or_path") or "custom",
     )
+    preset = _matching_preset(config)
+    return ModelConfig.from_name(preset) if preset else config
+
+
+def _matching_preset(config: ModelConfig) -> str | None:
+    """The SP preset with exactly this architecture (a published Cerebras-GPT), so training recipes apply."""
+    for name in PRESETS:
+        if name.endswith("-mup"):
+            continue
+        candidate = ModelConfig.from_name(name)
+        keys = ("n_layer", "d_model", "n_head", "d_ffn", "vocab_size", "block_size", "layer_norm_eps")
+        if all(getattr(candidate, k) == getattr(config, k) for k in keys):
+            return name
+    return None
 
 
 def read_hf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

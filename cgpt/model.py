@@ -58,6 +58,9 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(start, k, v)
         if attn_mask is None and k.size(2) == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        elif attn_mask is None and T == 1:
+            # One new query at the end of the cache sees every cached key: no mask to build.
+            y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         else:
             # Decoding with a cache, or rows with padding: an explicit boolean mask (True = attend).
             if attn_mask is None:
