@@ -12,6 +12,7 @@ import torch
 GPU_BF16_PEAK_FLOPS: dict[str, float] = {
     "H200": 989e12,
     "H100 SXM": 989e12,
+    "H100 80GB HBM3": 989e12,  # how CUDA names the SXM H100
     "H100 NVL": 835e12,
     "H100 PCIe": 756e12,
     "H100": 756e12,
@@ -59,15 +60,54 @@ def resolve_precision(precision: str | int | None, accelerator: str | None = Non
     return p
 
 
+def precision_dtype(precision: str | int | None) -> torch.dtype:
+    """The matmul dtype a Lightning precision string trains in (``bf16-mixed`` -> bfloat16)."""
+    p = str(precision)
+    if p.startswith("bf16"):
+        return torch.bfloat16
+    if p.startswith("16"):
+        return torch.float16
+    return torch.float32
+
+
+def default_compile(device: torch.device | str | None = None) -> bool:
+    """Whether ``torch.compile`` is the default on ``device``: the one place this is decided.
+
+    On CUDA it pays off (fused kernels, fewer launches). On CPUs it is off: see
+    docs/notes/issue-8.md for the measurement that decided it.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device.type == "cuda"
+
+
+def resolve_compile(compile: bool | str | None, device: torch.device | str | None = None) -> bool:
+    """Turn ``auto``/``None`` into :func:`default_compile`; accept booleans and their spellings."""
+    if compile in (None, "auto"):
+        return default_compile(device)
+    if isinstance(compile, bool):
+        return compile
+    words = {"true": True, "on": True, "1": True, "false": False, "off": False, "0": False}
+    if str(compile).lower() not in words:
+        raise ValueError(f"compile={compile!r}: use true, false or auto")
+    return words[str(compile).lower()]
+
+
+def gpu_table_peak(name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of the GPU called ``name`` from :data:`GPU_BF16_PEAK_FLOPS`, or None.
+
+    The longest matching key wins, so ``H100 SXM`` beats ``H100`` and ``GH200`` beats ``H200``."""
+    matches = [key for key in GPU_BF16_PEAK_FLOPS if key in name]
+    return GPU_BF16_PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
 def peak_flops(device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16) -> float:
-    """Peak FLOP/s of ``device``: the table for known GPUs, a measured large matmul on CPUs."""
+    """Peak FLOP/s of ``device`` in ``dtype``: the table for known GPUs, a measured large matmul
+    on CPUs and unknown GPUs. On GPUs fp32 counts at half the bf16 peak (TF32 tensor cores)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_BF16_PEAK_FLOPS.items():
-            if key in name:
-                return value if dtype in (torch.bfloat16, torch.float16) else value / 2
-        return measured_matmul_flops(device, dtype)
+        value = gpu_table_peak(torch.cuda.get_device_name(device))
+        if value is not None:
+            return value if dtype in (torch.bfloat16, torch.float16) else value / 2
     return measured_matmul_flops(device, dtype)
 
 

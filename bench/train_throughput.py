@@ -1,0 +1,332 @@
+"""Training throughput of cgpt against a minimal plain-PyTorch loop on the same model.
+
+Measures tokens/s, step time, peak memory and MFU (model FLOPs/s over the device's peak: the table
+of GPU peaks by name, a measured large matmul on CPUs) for any preset or shape, precision, compile
+setting, sequence length and micro-batch. Both loops train the *same* ``GPT`` instance (compiled
+once when compile is on) with the same AdamW, schedule, autocast and clipping on the same synthetic
+in-memory batches, in interleaved repetitions; the reported ratio (median of per-repetition ratios)
+is the framework's overhead.
+
+- ``cgpt``: :class:`cgpt.lit_module.CerebrasGPTModule` under a ``lightning.Trainer`` configured as
+  ``conf/trainer/default.yaml`` (gradient clipping, logging every 10 steps, the CSV logger and the
+  ThroughputMonitor and ProgressPrinter callbacks; no checkpointing, no validation).
+- ``plain``: ``for batch in loader: autocast; loss; backward; clip; step; schedule; zero_grad``.
+
+Needs only torch and lightning. Examples::
+
+    python bench/train_throughput.py --model cerebras-gpt-demo --micro-batch 8
+    python bench/train_throughput.py --device cuda --model cerebras-gpt-1.3b --seq-len 2048 --micro-batch 8
+
+``--device cuda`` without a GPU prints a ``skipped`` result and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("CGPT_PROGRESS_STDERR", "1")  # keep stdout for the results
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
+
+from cgpt.callbacks import ProgressPrinter, ThroughputMonitor  # noqa: E402
+from cgpt.config import ModelConfig  # noqa: E402
+from cgpt.hardware import (  # noqa: E402
+    gpu_table_peak,
+    peak_flops,
+    precision_dtype,
+    resolve_compile,
+    resolve_precision,
+)
+from cgpt.lit_module import CerebrasGPTModule  # noqa: E402
+from cgpt.optim import build_optimizer, build_scheduler  # noqa: E402
+
+SHAPE_KEYS = ("n_layer", "d_model", "n_head", "d_ffn", "vocab_size")
+
+
+class SyntheticBatches(IterableDataset):
+    """An endless stream of ``{"tokens": (B, seq_len + 1)}`` batches cycling over a small pool held in memory."""
+
+    def __init__(self, vocab_size: int, micro_batch: int, seq_len: int, pool: int = 4, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.pool = torch.randint(0, vocab_size, (pool, micro_batch, seq_len + 1), generator=g)
+
+    def __iter__(self):
+        i = 0
+        while True:
+            yield {"tokens": self.pool[i % len(self.pool)]}
+            i += 1
+
+
+def loader(data: SyntheticBatches, device: torch.device) -> DataLoader:
+    """Batches as the datamodule delivers them: pinned on CUDA so the copy can be non-blocking."""
+    return DataLoader(data, batch_size=None, num_workers=0, pin_memory=device.type == "cuda")
+
+
+class StepTimer(L.Callback):
+    """Wall time from the end of step ``warmup`` to the end of step ``steps`` (synchronised at both ends only)."""
+
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.warmup, self.steps = warmup, steps
+        self.t0: float | None = None
+        self.seconds: float | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.warmup:
+            self.t0 = synced_time(pl_module.device)
+        elif trainer.global_step == self.steps:
+            self.seconds = synced_time(pl_module.device) - self.t0
+
+
+def synced_time(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: max allocated since the last reset. CPU: the process's max RSS so far (cumulative)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_plain(
+    module: CerebrasGPTModule, data: SyntheticBatches, args: argparse.Namespace, device: torch.device
+) -> float:
+    """The minimal loop: same model, same AdamW recipe and schedule, autocast, clipping. Returns seconds
+    for steps ``warmup+1 .. steps``."""
+    model = module.model
+    model.train()
+    lr, eps, warmup_lr, decay = module.resolved_recipe(args.steps)
+    optimizer = build_optimizer(model, lr, module.optim_config, eps, module.model_config.width_mult)
+    scheduler = build_scheduler(optimizer, warmup_lr, args.steps, decay, module.scheduler_config.final_lr_ratio)
+    dtype = precision_dtype(args.precision)
+    autocast = args.precision.endswith("-mixed")
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 and autocast else None
+    t0 = None
+    for step, batch in enumerate(loader(data, device), start=1):
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip, foreach=True)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step == args.warmup:
+            t0 = synced_time(device)
+        if step == args.steps:
+            return synced_time(device) - t0
+    raise AssertionError("unreachable: the synthetic stream is endless")
+
+
+def run_cgpt(
+    module: CerebrasGPTModule, data: SyntheticBatches, args: argparse.Namespace, device: torch.device
+) -> float:
+    """cgpt's training path: the LightningModule under a Trainer set up like train/run.py."""
+    timer = StepTimer(args.warmup, args.steps)
+    with tempfile.TemporaryDirectory(prefix="cgpt-bench-") as tmp:
+        logger = L.pytorch.loggers.CSVLogger(tmp, name="csv") if args.logger == "csv" else False
+        trainer = L.Trainer(
+            accelerator=device.type,
+            devices=[device.index or 0] if device.type == "cuda" else 1,
+            precision=args.precision,
+            max_steps=args.steps,
+            gradient_clip_val=args.clip,
+            gradient_clip_algorithm="norm",
+            log_every_n_steps=args.log_every,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            logger=logger,
+            callbacks=[ThroughputMonitor(args.log_every, args.peak_flops), ProgressPrinter(50), timer],
+            default_root_dir=tmp,
+        )
+        trainer.fit(module, train_dataloaders=loader(data, device))
+        module.throughput_logged = trainer.callback_metrics.get("mfu")
+        del trainer
+    return timer.seconds
+
+
+def build_module(args: argparse.Namespace, device: torch.device) -> CerebrasGPTModule:
+    overrides = {k: getattr(args, k) for k in SHAPE_KEYS if getattr(args, k) is not None}
+    model = {"name": args.model, **overrides}
+    if args.model not in ("custom", None):
+        model = ModelConfig.from_name(args.model, **overrides).to_dict()
+    model["block_size"] = max(model.get("block_size") or args.seq_len, args.seq_len)
+    torch.manual_seed(args.seed)
+    module = CerebrasGPTModule(model=model, compile=args.compile)
+    module.set_runtime(args.seq_len, args.micro_batch)
+    with torch.device(device):
+        module.configure_model()  # built (and compiled) once; both loops train this same GPT
+    return module
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Benchmark both loops; returns the result dict (also printed and written to ``--json``)."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        return {"skipped": "CUDA is not available on this machine", "device": args.device}
+    device = torch.device(args.device)
+    args.precision = resolve_precision(args.precision, device.type)
+    if not (args.precision.endswith("-mixed") or args.precision == "32-true"):
+        raise SystemExit(f"--precision {args.precision}: use bf16-mixed, 16-mixed, 32-true or auto")
+    args.compile = resolve_compile(args.compile, device)
+    if args.warmup < 1 or args.steps <= args.warmup:
+        raise SystemExit(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}), and --warmup must be >= 1")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    module = build_module(args, device)
+    config = module.model_config
+    data = SyntheticBatches(config.vocab_size, args.micro_batch, args.seq_len, seed=args.seed)
+    dtype = precision_dtype(args.precision)
+    if args.peak_flops is None:
+        args.peak_flops = peak_flops(device, dtype)
+    flops_per_token = config.flops_per_token(args.seq_len)
+    tokens = (args.steps - args.warmup) * args.micro_batch * args.seq_len
+
+    seconds: dict[str, list[float]] = {"plain": [], "cgpt": []}
+    memory: dict[str, float] = {}
+    loops = {"plain": run_plain, "cgpt": run_cgpt}
+    for rep in range(args.repeats):
+        order = ["plain", "cgpt"] if rep % 2 == 0 else ["cgpt", "plain"]  # cancel drift
+        for name in order:
+            reset_peak_memory(device)
+            seconds[name].append(loops[name](module, data, args, device))
+            memory[name] = max(memory.get(name, 0.0), peak_memory_mb(device))
+            print(f"rep {rep} {name}: {tokens / seconds[name][-1]:,.0f} tok/s", file=sys.stderr, flush=True)
+
+    result: dict[str, Any] = {
+        "model": config.name,
+        "shape": {k: getattr(config, k) for k in SHAPE_KEYS},
+        "num_params": config.num_params(),
+        "device": device_name(device),
+        "precision": args.precision,
+        "compile": args.compile,
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "timed_steps": args.steps - args.warmup,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "flops_per_token": flops_per_token,
+        "peak_flops": args.peak_flops,
+        "peak_source": "table" if device.type == "cuda" and gpu_table_peak(device_name(device)) else "measured matmul",
+    }
+    for name in loops:
+        secs = statistics.median(seconds[name])
+        result[name] = {
+            "tokens_per_sec": tokens / secs,
+            "step_time_ms": 1000 * secs / (args.steps - args.warmup),
+            "mfu": tokens / secs * flops_per_token / args.peak_flops,
+            "peak_memory_mb": memory[name],
+            "tokens_per_sec_reps": [tokens / s for s in seconds[name]],
+        }
+    ratios = [p / c for p, c in zip(seconds["plain"], seconds["cgpt"])]
+    result["ratio_cgpt_over_plain"] = statistics.median(ratios)
+    result["ratio_reps"] = ratios
+    logged = getattr(module, "throughput_logged", None)
+    result["cgpt"]["mfu_logged_by_callback"] = float(logged) if logged is not None else None
+    return result
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def report(result: dict[str, Any]) -> str:
+    """A human summary of :func:`run`'s result."""
+    if "skipped" in result:
+        return f"skipped: {result['skipped']}"
+    lines = [
+        f"{result['model']} {result['num_params'] / 1e6:.1f}M params on {result['device']}, {result['precision']}, "
+        f"compile={result['compile']}, seq {result['seq_len']} x micro-batch {result['micro_batch']}, "
+        f"{result['timed_steps']} timed steps x {result['repeats']} reps, peak {result['peak_flops'] / 1e12:.2f} "
+        f"TFLOP/s ({result['peak_source']})",
+    ]
+    for name in ("plain", "cgpt"):
+        r = result[name]
+        lines.append(
+            f"  {name:5s}: {r['tokens_per_sec']:>12,.0f} tok/s  {r['step_time_ms']:9.2f} ms/step  "
+            f"MFU {100 * r['mfu']:6.2f}%  peak mem {r['peak_memory_mb']:,.0f} MiB"
+        )
+    lines.append(f"  cgpt / plain throughput: {result['ratio_cgpt_over_plain']:.3f} (median of {result['ratio_reps']})")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="cerebras-gpt-demo", help="preset name, or 'custom' with the shape flags")
+    for key in SHAPE_KEYS:
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=int, default=None, help=f"override {key}")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per step")
+    p.add_argument("--precision", default="auto", help="auto | bf16-mixed | 16-mixed | 32-true")
+    p.add_argument("--compile", default="auto", help="auto (on for CUDA, off on CPU) | true | false")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--steps", type=int, default=30, help="steps per loop and repetition, warmup included")
+    p.add_argument("--warmup", type=int, default=5, help="untimed first steps (compilation happens here)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of both loops")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm")
+    p.add_argument("--log-every", type=int, default=10, help="Lightning log_every_n_steps")
+    p.add_argument("--logger", choices=("csv", "none"), default="csv", help="cgpt path logger")
+    p.add_argument("--peak-flops", type=float, default=None, help="override the device peak FLOP/s")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--json", default=None, help="also write the result as JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", module="lightning")
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        import logging
+
+        logging.getLogger(name).setLevel(logging.ERROR)
+    result = run(args)
+    print(report(result), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

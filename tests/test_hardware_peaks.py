@@ -1,0 +1,69 @@
+"""cgpt.hardware: the GPU peak table, peak FLOP/s by device and dtype, precision dtypes, and the
+one place that decides whether torch.compile is on by default."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cgpt import hardware
+from cgpt.hardware import gpu_table_peak, peak_flops, precision_dtype, resolve_compile
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),  # SXM
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA GH200 480GB", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA L4", 121e12),
+        ("Some Future GPU", None),
+    ],
+)
+def test_gpu_table_peak_by_cuda_device_name(name, peak):
+    assert gpu_table_peak(name) == peak
+
+
+def test_peak_flops_uses_the_table_on_known_gpus_and_measures_otherwise(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert peak_flops("cuda", torch.bfloat16) == 989e12
+    assert peak_flops("cuda", torch.float32) == 989e12 / 2
+    calls = []
+    monkeypatch.setattr(hardware, "measured_matmul_flops", lambda device, dtype: calls.append(dtype) or 7.0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Mystery Accelerator")
+    assert peak_flops("cuda", torch.bfloat16) == 7.0
+    assert peak_flops("cpu", torch.float32) == 7.0 and calls == [torch.bfloat16, torch.float32]
+
+
+def test_measured_cpu_peak_is_a_plausible_flop_rate():
+    flops = hardware.measured_matmul_flops(torch.device("cpu"), torch.float32, n=256, seconds=0.05)
+    assert 1e7 < flops < 1e14
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype"),
+    [("bf16-mixed", torch.bfloat16), ("bf16-true", torch.bfloat16), ("16-mixed", torch.float16),
+     ("32-true", torch.float32), (32, torch.float32)],
+)  # fmt: skip
+def test_precision_dtype(precision, dtype):
+    assert precision_dtype(precision) == dtype
+
+
+def test_compile_is_on_by_default_for_cuda_only_and_switchable():
+    assert resolve_compile("auto", "cuda") is True
+    assert resolve_compile(None, "cpu") is False
+    assert resolve_compile("auto", torch.device("cpu")) is False
+    assert resolve_compile(True, "cpu") is True and resolve_compile("false", "cuda") is False
+    assert resolve_compile("on", "cpu") is True
+    with pytest.raises(ValueError, match="use true, false or auto"):
+        resolve_compile("sometimes", "cpu")
+
+
+def test_cpu_precision_never_fp16():
+    assert hardware.default_precision("cpu") in ("bf16-mixed", "32-true")
+    with pytest.raises(ValueError, match="fp16 is not supported on CPU"):
+        hardware.resolve_precision("16-mixed", "cpu")
