@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from cgpt.hardware import peak_flops
+from cgpt.hardware import peak_flops, precision_dtype
 
 
 def _scalar(value: Any) -> float | None:
@@ -28,6 +28,10 @@ class ThroughputMonitor(L.Callback):
     """Logs ``tokens_per_sec`` and ``mfu`` (model FLOPs / device peak) every ``log_every`` steps.
 
     Reads time only at the logging steps, so it adds no host-device synchronisation to the others.
+    The first window starts at the end of the first step, so compilation and warm-up stay out of it.
+    The peak is the device's in the training precision (:func:`cgpt.hardware.peak_flops`: the
+    table for GPUs, a measured matmul on CPUs); FLOPs per token come from
+    :meth:`cgpt.config.ModelConfig.flops_per_token` at the training sequence length.
     """
 
     def __init__(self, log_every: int = 10, peak_flops_per_device: float | None = None) -> None:
@@ -40,28 +44,38 @@ class ThroughputMonitor(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.peak is None:
-            self.peak = peak_flops(pl_module.device)
-        self._t0, self._step0 = time.perf_counter(), trainer.global_step
+            self.peak = peak_flops(pl_module.device, precision_dtype(trainer.precision))
+        self._t0, self._step0 = None, trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if step == self._step0 or step % self.log_every:
+        if step == self._step0:
             return
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        now = time.perf_counter()
+        if self._t0 is None:  # end of the first step: start timing here
+            self._t0, self._step0 = _synced_time(pl_module.device), step
+            return
+        if step % self.log_every:
+            return
+        now = _synced_time(pl_module.device)
         tokens = (step - self._step0) * pl_module.tokens_per_step
         self.tokens_per_sec = tokens / max(now - self._t0, 1e-9)
-        flops_per_token = pl_module.model_config.flops_per_token(_seq_len(trainer))
+        flops_per_token = pl_module.model_config.flops_per_token(_seq_len(trainer, pl_module))
         self.mfu = self.tokens_per_sec * flops_per_token / (self.peak * trainer.world_size)
-        pl_module.log("tokens_per_sec", self.tokens_per_sec, rank_zero_only=True)
-        pl_module.log("mfu", self.mfu, rank_zero_only=True)
+        # CPU tensors: logging a Python float on a GPU would be one more host-to-device copy.
+        pl_module.log("tokens_per_sec", torch.tensor(self.tokens_per_sec, dtype=torch.float64), rank_zero_only=True)
+        pl_module.log("mfu", torch.tensor(self.mfu, dtype=torch.float64), rank_zero_only=True)
         self._t0, self._step0 = now, step
 
 
-def _seq_len(trainer: L.Trainer) -> int | None:
-    dm = trainer.datamodule
-    return getattr(dm, "seq_len", None)
+def _synced_time(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _seq_len(trainer: L.Trainer, pl_module: L.LightningModule) -> int | None:
+    """The training sequence length: the module's runtime value, else the datamodule's (else None: block_size)."""
+    return getattr(pl_module, "seq_len", None) or getattr(trainer.datamodule, "seq_len", None)
 
 
 class ProgressPrinter(L.Callback):

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 
 from cgpt.config import ConfigError, ModelConfig, TrainingDefaults, normalize_preset_name
+from cgpt.hardware import resolve_compile
 from cgpt.model import GPT
 from cgpt.optim import OptimConfig, SchedulerConfig, build_optimizer, build_scheduler
 from cgpt.presets import PRESETS
@@ -25,7 +26,8 @@ class CerebrasGPTModule(L.LightningModule):
         model: :class:`~cgpt.config.ModelConfig` fields; ``{"name": "cerebras-gpt-111m"}`` is a preset.
         optim: :class:`~cgpt.optim.OptimConfig` fields; unset values take the preset's recipe.
         scheduler: :class:`~cgpt.optim.SchedulerConfig` fields; likewise.
-        compile: ``torch.compile`` the model (in place: no ``_orig_mod`` prefix in checkpoints).
+        compile: ``torch.compile`` the model (in place: no ``_orig_mod`` prefix in checkpoints);
+            ``"auto"`` compiles where :func:`cgpt.hardware.default_compile` says it is faster (CUDA).
         lora: :class:`~cgpt.lora.LoRAConfig` fields to train low-rank adapters on a frozen base;
             ``None`` (or ``enabled: false``) trains every weight.
     """
@@ -35,7 +37,7 @@ class CerebrasGPTModule(L.LightningModule):
         model: dict[str, Any],
         optim: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
-        compile: bool = False,
+        compile: bool | str | None = False,
         lora: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -47,6 +49,7 @@ class CerebrasGPTModule(L.LightningModule):
         self.recipe = _recipe_for(self.model_config)
         self.model: GPT | None = None
         self.tokens_per_step = 0  # set by set_runtime(); used for "tokens seen"
+        self.seq_len: int | None = None  # set by set_runtime(); used for FLOPs per token (MFU)
         self.lora = dict(lora) if lora and lora.get("enabled", True) else None
         self.init_from: str | None = None  # set by set_init_from(); not a hyperparameter
 
@@ -59,6 +62,7 @@ class CerebrasGPTModule(L.LightningModule):
                 "prepare the data with a shorter --seq-len or use a model with a larger block_size"
             )
         self.tokens_per_step = seq_len * global_batch_size
+        self.seq_len = seq_len
 
     def set_init_from(self, source: str | None) -> None:
         """Load the weights of ``source`` (see :mod:`cgpt.init_from`) when the model is built.
@@ -81,7 +85,8 @@ class CerebrasGPTModule(L.LightningModule):
             apply_lora(self.model, LoRAConfig.from_dict(self.lora))
             if self.global_rank == 0:
                 print(f"LoRA {self.lora}: {format_report(parameter_report(self.model))}", flush=True)
-        if self.compile:
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        if resolve_compile(self.compile, device):
             self.model.compile()
 
     # --- steps ---------------------------------------------------------------------------------
@@ -94,10 +99,29 @@ class CerebrasGPTModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/ppl", torch.exp(loss.detach()))
-        self.log("tokens_seen", float((self.global_step + 1) * self.tokens_per_step))
+        # No host-device sync per step: Lightning turns prog_bar values into Python numbers after
+        # every batch, and a Python float logged on a GPU is a blocking host-to-device copy. So no
+        # prog_bar here and host-side values go in as CPU tensors.
+        if self._logging_step():
+            self.log("train/loss", loss)
+            self.log("train/ppl", torch.exp(loss.detach()))
+            self.log("tokens_seen", torch.tensor((self.global_step + 1) * self.tokens_per_step, dtype=torch.float64))
         return loss
+
+    def _logging_step(self) -> bool:
+        """Whether the optimizer step being computed is one whose logged values are written
+        (every ``trainer.log_every_n_steps`` and the last step).
+
+        Each ``self.log`` costs a slow walk through Lightning's result collection (about 0.3 ms on a
+        CPU), so the five per-step values are logged only when they are used: the CPU benchmark in
+        docs/notes/issue-8.md measured this as most of the framework's per-step overhead.
+        ``callback_metrics`` then hold the values of the latest logging step.
+        """
+        if self._trainer is None:
+            return True
+        trainer, step = self._trainer, self.global_step + 1
+        every = trainer.log_every_n_steps
+        return bool(every) and step % every == 0 or (trainer.max_steps or 0) > 0 and step >= trainer.max_steps
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
@@ -124,10 +148,14 @@ class CerebrasGPTModule(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
         norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val, foreach=True)
-        self.log("grad_norm", norm)
+        if self._logging_step():
+            self.log("grad_norm", norm)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self.log("lr", optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0))
+        if not self._logging_step():
+            return
+        lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0)
+        self.log("lr", torch.tensor(lr, dtype=torch.float64))  # a CPU tensor: no host-device copy
 
     # --- optimizer -----------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
