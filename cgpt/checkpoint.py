@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from cgpt.model import GPT
 
 LAST = "last.ckpt"
 COMPILE_PREFIX = "_orig_mod."
+CHECKPOINT_WRAPPER_PREFIX = "_checkpoint_wrapped_module."  # torch checkpoint_wrapper (defensive)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -69,12 +71,33 @@ def best_checkpoints(dirpath: str, save_top_k: int = 1) -> ModelCheckpoint:
     )
 
 
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    """A non-empty checkpoint file, or a complete sharded folder (FSDP: ``.metadata`` + ``meta.pt``;
+    DeepSpeed: ``latest`` + its tag folder). Sharded folders are renamed into place only when whole."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size > 0
+    if (path / ".metadata").is_file():
+        return (path / "meta.pt").is_file()
+    if (path / "latest").is_file():
+        return (path / (path / "latest").read_text().strip()).is_dir()
+    return False
+
+
 def resume_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint a re-run of the same command continues from, or None for a fresh start."""
-    last = Path(checkpoint_dir) / LAST
-    if last.is_file() and last.stat().st_size > 0:
+    """The checkpoint a re-run of the same command continues from, or None for a fresh start:
+    ``last.ckpt`` when complete, else the newest complete step-numbered one (a crash between the two
+    renames of a sharded save can leave ``last.ckpt`` missing for a moment)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    last = checkpoint_dir / LAST
+    if is_complete_checkpoint(last):
         return last
-    return None
+    steps = []
+    for p in checkpoint_dir.glob("*step*.ckpt"):
+        m = re.search(r"step(\d+)", p.name)
+        if m and not p.name.startswith(".") and is_complete_checkpoint(p):
+            steps.append((int(m.group(1)), p))
+    return max(steps)[1] if steps else None
 
 
 def _load(path: str | os.PathLike) -> dict[str, Any]:
@@ -91,13 +114,18 @@ def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     for k, v in state.items():
         if k.startswith("model."):
             k = k[len("model.") :]
-        out[k.replace(COMPILE_PREFIX, "")] = v
+        out[k.replace(COMPILE_PREFIX, "").replace(CHECKPOINT_WRAPPER_PREFIX, "")] = v
     return out
 
 
 def load_gpt(path: str | os.PathLike) -> GPT:
     """Rebuild the trained :class:`~cgpt.model.GPT` from a cgpt Lightning checkpoint file."""
-    ckpt = _load(path)
+    if Path(path).is_dir():  # a sharded FSDP / DeepSpeed checkpoint folder
+        from cgpt.strategies import consolidate_checkpoint
+
+        ckpt = consolidate_checkpoint(path)
+    else:
+        ckpt = _load(path)
     hp = ckpt.get("hyper_parameters", {})
     if "model" not in hp:
         raise ValueError(f"{path}: not a cgpt checkpoint (no hyper_parameters.model)")

@@ -7,12 +7,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from cgpt.config import ConfigError, ModelConfig, TrainingDefaults, normalize_preset_name
 from cgpt.hardware import resolve_compile
 from cgpt.model import GPT
 from cgpt.optim import OptimConfig, SchedulerConfig, build_optimizer, build_scheduler
 from cgpt.presets import PRESETS
+from cgpt.strategies import clip_grad_norm, strategy_clips_gradients
 
 
 class CerebrasGPTModule(L.LightningModule):
@@ -142,14 +144,20 @@ class CerebrasGPTModule(L.LightningModule):
         scaler is involved; without a scaler we clip directly. With an fp16 scaler, Lightning's
         own path runs (unscale first), and the optimizer is built unfused.
         """
-        if not gradient_clip_val:
-            return
+        if not gradient_clip_val or strategy_clips_gradients(self.trainer.strategy):
+            return  # DeepSpeed clips inside its optimizer step (config gradient_clipping = gradient_clip_val)
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None or gradient_clip_algorithm == "value":
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val, foreach=True)
+        norm = clip_grad_norm(self.parameters(), gradient_clip_val)  # sharded (FSDP2 DTensor) grads too
         if self._logging_step():
             self.log("grad_norm", norm)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A consolidated DeepSpeed checkpoint has no optimizer state: resume with fresh Adam moments."""
+        if "optimizer_states" not in checkpoint and checkpoint.get("cgpt_consolidated"):
+            rank_zero_warn("the consolidated checkpoint has no optimizer state: Adam moments restart from zero")
+            checkpoint["optimizer_states"] = []
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self._logging_step():

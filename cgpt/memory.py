@@ -34,7 +34,8 @@ class MemoryEstimate:
         return self.params + self.grads + self.optimizer + self.activations + self.buffers
 
     def format(self) -> str:
-        parts = [f"{k} {getattr(self, k) / GIB:.2f}" for k in ("params", "grads", "optimizer", "activations", "buffers")]
+        keys = ("params", "grads", "optimizer", "activations", "buffers")
+        parts = [f"{k} {getattr(self, k) / GIB:.2f}" for k in keys]
         line = f"memory per device ({self.strategy}): {', '.join(parts)} -> total {self.device_total / GIB:.2f} GiB"
         if self.host_offload:
             line += f"; offloaded to CPU per process {self.host_offload / GIB:.2f} GiB"

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from cgpt.config import ConfigError
+import torch
+
+from cgpt.config import ConfigError, ModelConfig
+
+if TYPE_CHECKING:
+    from cgpt.memory import MemoryEstimate
 
 
 @dataclass(frozen=True)
@@ -34,3 +42,64 @@ def plan_batch(global_batch_size: int, micro_batch_size: int, devices: int, num_
             "or change data.global_batch_size."
         )
     return BatchPlan(global_batch_size, micro_batch_size, world, global_batch_size // per_pass)
+
+
+def check_run(
+    model_config: ModelConfig,
+    strategy: dict[str, Any],
+    trainer: dict[str, Any],
+    plan: BatchPlan,
+    seq_len: int,
+    memory_limit_bytes: float | None = None,
+    verbose: bool = True,
+) -> MemoryEstimate:
+    """Reject strategy/precision/memory settings that cannot work, before any process group starts.
+
+    Checks the strategy config (names, keys, offload only with DeepSpeed), that DeepSpeed is installed
+    when chosen, that the precision exists on the accelerator and suits the strategy, and that the
+    estimated per-device memory fits (printed when ``verbose``). Returns the estimate.
+    """
+    from cgpt.memory import GIB, device_memory_bytes, estimate_memory
+    from cgpt.strategies import validate_strategy_config
+
+    for key in ("offload_optimizer", "offload_parameters", "offload"):
+        if strategy.get(key) and strategy.get("name") != "deepspeed":
+            raise ConfigError(
+                f"strategy.{key} is only available with DeepSpeed: use strategy=deepspeed_stage_2_offload "
+                f"or deepspeed_stage_3_offload (got strategy.name={strategy.get('name')!r})"
+            )
+    strategy = validate_strategy_config(strategy)
+    name = strategy["name"]
+    accelerator = trainer.get("accelerator", "auto")
+    precision = str(trainer.get("precision"))
+    on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
+    if not on_cpu and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but no CUDA device is visible; set trainer.accelerator=cpu"
+        )
+    if on_cpu and precision.startswith("16"):
+        raise ConfigError(f"trainer.precision={precision}: CPUs have no fp16 training; use bf16-mixed or 32-true")
+    if not on_cpu and precision.startswith("bf16") and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"trainer.precision={precision}: this GPU has no bf16; use 16-mixed or 32-true")
+    if name == "fsdp" and precision not in ("32-true", "bf16-mixed", "bf16-true", "16-true"):
+        raise ConfigError(f"strategy=fsdp supports trainer.precision 32-true, bf16-mixed, bf16-true; got {precision}")
+    if name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("strategy=deepspeed_* needs DeepSpeed: pip install 'cgpt[deepspeed]'")
+    world = plan.world_size
+    if name == "fsdp" and strategy.get("sharding") == "hybrid" and trainer.get("num_nodes", 1) < 2:
+        raise ConfigError("strategy.sharding=hybrid replicates across nodes: it needs trainer.num_nodes >= 2")
+    estimate = estimate_memory(
+        model_config, strategy, precision, plan.micro_batch_size, seq_len,
+        devices=trainer.get("devices", 1), num_nodes=trainer.get("num_nodes", 1),
+    )  # fmt: skip
+    if verbose and int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))) == 0:
+        print(f"preflight: {estimate.format()} (world size {world})", flush=True)
+    limit = memory_limit_bytes or device_memory_bytes(accelerator, trainer.get("devices", 1))
+    if limit and estimate.device_total > 0.95 * limit:
+        raise ConfigError(
+            f"the model will not fit: about {estimate.device_total / GIB:.1f} GiB per device needed, "
+            f"{limit / GIB:.1f} GiB available ({estimate.format()}). Shard it (strategy=fsdp or "
+            "deepspeed_stage_3, or *_offload), set strategy.activation_checkpointing=true, lower "
+            "data.micro_batch_size (accumulation keeps the global batch) or add devices."
+        )
+    return estimate

@@ -15,9 +15,11 @@ On a CPU accelerator the same configs run through the subclasses in :mod:`cgpt.s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -285,6 +287,13 @@ class CgptDeepSpeedStrategy(DeepSpeedStrategy):
 
     strategy_name = "cgpt_deepspeed"
 
+    @contextlib.contextmanager
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        with super().model_sharded_context():
+            yield
+        if self.zero_stage_3:
+            _reinit_partitioned(self.lightning_module)
+
     def _setup_model_and_optimizer(self, model: nn.Module, optimizer: Any, lr_scheduler: Any = None) -> Any:
         _maybe_checkpoint(self, self.lightning_module)
         if optimizer is not None and self.config.get("zero_optimization", {}).get("offload_optimizer"):
@@ -299,6 +308,27 @@ class CgptDeepSpeedStrategy(DeepSpeedStrategy):
         if self.is_global_zero:
             path = Path(filepath)
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _reinit_partitioned(pl_module: L.LightningModule) -> None:
+    """Redo the GPT's own init under ZeRO-3.
+
+    ``deepspeed.zero.Init`` partitions each submodule's parameters as soon as it is built, so the
+    init at the end of ``GPT.__init__`` saw empty shards. Gathering them and initialising on rank 0
+    (which then broadcasts) gives exactly the weights a single process builds from the same seed.
+    """
+    import deepspeed
+
+    model = getattr(pl_module, "model", None)
+    if model is None or not hasattr(model, "init_weights"):
+        return
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+        if pl_module.global_rank == 0:
+            model.init_weights()
+            if getattr(pl_module, "init_from", None):
+                from cgpt.init_from import load_weights
+
+                load_weights(model, pl_module.init_from)
 
 
 def _to_cpu_adam(optimizer: torch.optim.Optimizer, lr_scheduler: Any = None) -> torch.optim.Optimizer:

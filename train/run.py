@@ -29,8 +29,9 @@ from cgpt.data.datamodule import PackedDataModule  # noqa: E402
 from cgpt.hardware import resolve_precision  # noqa: E402
 from cgpt.lit_module import CerebrasGPTModule  # noqa: E402
 from cgpt.preemption import PreemptionHandler  # noqa: E402
-from cgpt.preflight import plan_batch  # noqa: E402
+from cgpt.preflight import check_run, plan_batch  # noqa: E402
 from cgpt.slurm import check_environment  # noqa: E402
+from cgpt.strategies import build_strategy  # noqa: E402
 
 TRAINER_EXTRA_KEYS = ("validate_every_steps",)
 
@@ -83,6 +84,10 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, CerebrasGPTModule, PackedDataModu
     check_environment(trainer_cfg["devices"], trainer_cfg["num_nodes"])  # srun tasks == devices x nodes
     module.set_runtime(datamodule.seq_len, plan.global_batch_size)
     trainer_cfg["precision"] = resolve_precision(trainer_cfg["precision"], trainer_cfg["accelerator"])
+    strategy_cfg = container(cfg.strategy)
+    check_run(module.model_config, strategy_cfg, trainer_cfg, plan, datamodule.seq_len)  # before any process group
+    strategy = build_strategy(strategy_cfg, trainer_cfg["accelerator"], trainer_cfg["devices"],
+                              trainer_cfg["num_nodes"], plan.micro_batch_size)  # fmt: skip
 
     out_dir = Path(cfg.paths.output_dir)
     resolved = container(cfg)
@@ -103,7 +108,7 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, CerebrasGPTModule, PackedDataModu
         accumulate_grad_batches=plan.accumulate_grad_batches,
         val_check_interval=validate_every * plan.accumulate_grad_batches,  # counted in micro-batches
         check_val_every_n_epoch=None,
-        strategy=cfg.strategy.name,
+        strategy=strategy,
         plugins=[AtomicCheckpointIO(), *_cluster_plugins()],
         callbacks=callbacks,
         logger=logger,

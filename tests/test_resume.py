@@ -1,0 +1,81 @@
+"""Resume: picking the latest complete checkpoint, atomic sharded saves, and a single-process run
+killed with SIGKILL that continues bitwise like an uninterrupted one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cgpt.checkpoint import is_complete_checkpoint, resume_checkpoint
+from test_strategies import kill_after, losses, pretrain_args, run_script, weights
+
+
+def test_resume_prefers_complete_last_then_newest_complete_step(tmp_path: Path) -> None:
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    assert resume_checkpoint(ckpts) is None
+    (ckpts / "step0000002.ckpt").write_bytes(b"x")
+    fsdp = ckpts / "step0000004.ckpt"  # a complete FSDP folder
+    fsdp.mkdir()
+    (fsdp / ".metadata").write_bytes(b"x")
+    (fsdp / "meta.pt").write_bytes(b"x")
+    broken = ckpts / "step0000006.ckpt"  # a DeepSpeed folder without its tag folder: incomplete
+    broken.mkdir()
+    (broken / "latest").write_text("checkpoint")
+    (ckpts / ".step0000008.ckpt.tmp").mkdir()  # an interrupted save
+    assert not is_complete_checkpoint(broken)
+    assert resume_checkpoint(ckpts) == fsdp  # last.ckpt missing (crash between the two renames)
+    (broken / "checkpoint").mkdir()
+    assert resume_checkpoint(ckpts) == broken
+    (ckpts / "last.ckpt").write_bytes(b"")  # empty: ignored
+    assert resume_checkpoint(ckpts) == broken
+    (ckpts / "last.ckpt").write_bytes(b"x")
+    assert resume_checkpoint(ckpts) == ckpts / "last.ckpt"
+
+
+def test_atomic_dir_save_keeps_the_previous_checkpoint_when_the_save_fails(tmp_path: Path) -> None:
+    from cgpt.strategies import _atomic_dir_save
+
+    class OneProcess:
+        is_global_zero = True
+
+        def broadcast(self, obj):
+            return obj
+
+        def barrier(self, name=None):
+            pass
+
+    def good(tmp: Path) -> None:
+        tmp.mkdir()
+        (tmp / "shard").write_text("new")
+
+    def crash(tmp: Path) -> None:
+        tmp.mkdir()
+        (tmp / "shard").write_text("partial")
+        raise RuntimeError("killed mid-save")
+
+    path = tmp_path / "last.ckpt"
+    path.mkdir()
+    (path / "shard").write_text("old")
+    with pytest.raises(RuntimeError):
+        _atomic_dir_save(OneProcess(), path, crash)
+    assert (path / "shard").read_text() == "old"
+    _atomic_dir_save(OneProcess(), path, good)
+    assert (path / "shard").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_is_bitwise_identical_in_one_process(tiny_data_dir: Path, tmp_path: Path) -> None:
+    ref_out, out = tmp_path / "uninterrupted", tmp_path / "killed"
+    run_script(pretrain_args(tiny_data_dir, ref_out, "auto", 1), timeout=300)
+    args = pretrain_args(tiny_data_dir, out, "auto", 1)
+    kill_after(args, out / "checkpoints" / "step0000002.ckpt", timeout=300)
+    proc = run_script(args, timeout=300)
+    assert "resuming from" in proc.stdout
+    ref, got = losses(ref_out), losses(out)
+    assert got == ref  # bitwise, every step
+    a, b = weights(out / "checkpoints" / "last.ckpt"), weights(ref_out / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,243 @@
+"""Every strategy on CPU with 2 gloo processes: same first-step loss (same init and data), loss going
+down, sharded atomic checkpoints, consolidation, resume after SIGKILL, and resume under another strategy.
+
+Each run is a subprocess (``train/pretrain.py``) with a timeout; runs are shared through a module
+fixture. Unit tests of the strategy builder come first (fast).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cgpt.config import ConfigError
+from conftest import REPO_ROOT, run_script
+
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed not installed (pip install 'cgpt[deepspeed]')")
+STEPS = 6
+TOL = 1e-5
+
+
+# --- unit: the builder ---------------------------------------------------------------------------
+def test_build_strategy_picks_the_cpu_path_and_validates() -> None:
+    from cgpt.strategies import CgptDDPStrategy, build_strategy
+    from cgpt.strategies_cpu import CPUFSDP2Strategy
+
+    assert build_strategy({"name": "auto"}, "cpu") == "auto"
+    assert isinstance(build_strategy({"name": "ddp", "activation_checkpointing": True}, "cpu"), CgptDDPStrategy)
+    fsdp = build_strategy({"name": "fsdp", "sharding": "full"}, "cpu", devices=2)
+    assert isinstance(fsdp, CPUFSDP2Strategy) and fsdp.process_group_backend == "gloo"
+    with pytest.raises(ConfigError, match="offload_optimizer"):
+        build_strategy({"name": "fsdp", "offload_optimizer": True}, "cpu")
+    with pytest.raises(ConfigError, match="stage"):
+        build_strategy({"name": "deepspeed", "stage": 4}, "cpu")
+    with pytest.raises(ConfigError, match="stage 3"):
+        build_strategy({"name": "deepspeed", "stage": 2, "offload_parameters": True}, "cpu")
+    with pytest.raises(ConfigError, match="unknown"):
+        build_strategy({"name": "megatron"}, "cpu")
+
+
+@needs_deepspeed
+def test_build_deepspeed_config_carries_stage_offload_and_buckets() -> None:
+    from cgpt.strategies import build_strategy
+    from cgpt.strategies_cpu import CPUDeepSpeedStrategy
+
+    s = build_strategy(
+        {"name": "deepspeed", "stage": 3, "offload_optimizer": True, "offload_parameters": True,
+         "allgather_bucket_size": 5e7, "reduce_bucket_size": 6e7},
+        "cpu", devices=2, micro_batch_size=4,
+    )  # fmt: skip
+    zero = s.config["zero_optimization"]
+    assert isinstance(s, CPUDeepSpeedStrategy) and zero["stage"] == 3
+    assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert zero["allgather_bucket_size"] == 50_000_000 and zero["reduce_bucket_size"] == 60_000_000
+
+
+def test_activation_checkpointing_keeps_names_and_gradients() -> None:
+    from cgpt.config import ModelConfig
+    from cgpt.model import GPT
+    from cgpt.strategies import apply_activation_checkpointing
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="t", n_layer=2, d_model=32, n_head=2, vocab_size=64, block_size=16)
+    a, b = GPT(cfg), GPT(cfg)
+    b.load_state_dict(a.state_dict())
+    assert apply_activation_checkpointing(b) == 2
+    assert list(a.state_dict()) == list(b.state_dict())  # no wrapper prefix
+    idx = torch.randint(0, 64, (2, 16))
+    a.loss(idx[:, :-1], idx[:, 1:]).backward()
+    b.loss(idx[:, :-1], idx[:, 1:]).backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=name)
+
+
+# --- helpers for the multi-process runs ----------------------------------------------------------
+def pretrain_args(data_dir: Path, out: Path, strategy: str, devices: int = 2, *extra: str) -> list[str]:
+    return [
+        "train/pretrain.py", "experiment=smoke", f"data.dir={data_dir}", f"paths.output_dir={out}",
+        "data.num_workers=0", "trainer.precision=32-true", f"trainer.devices={devices}", f"strategy={strategy}",
+        f"trainer.max_steps={STEPS}", "callbacks.checkpoint.every_n_steps=2", "callbacks.checkpoint.keep_last=2",
+        "trainer.validate_every_steps=3", "sample=null", "logger=csv", *extra,
+    ]  # fmt: skip
+
+
+def train(data_dir: Path, out: Path, strategy: str, devices: int = 2, *extra: str, timeout: float = 400):
+    return run_script(pretrain_args(data_dir, out, strategy, devices, *extra), timeout=timeout)
+
+
+def losses(out: Path) -> dict[int, float]:
+    """Per-step train loss of rank 0 (step = optimizer steps done before it), over all runs in ``out``."""
+    result: dict[int, float] = {}
+    for version in sorted((out / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1])):
+        with open(version / "metrics.csv") as f:
+            for row in csv.DictReader(f):
+                try:  # the last row of a killed run may be cut short
+                    if row.get("train/loss"):
+                        result[int(row["step"])] = float(row["train/loss"])
+                except (TypeError, ValueError):
+                    continue
+    return result
+
+
+def kill_after(args: list[str], marker: Path, timeout: float = 400) -> None:
+    """Start a run and SIGKILL its whole process group as soon as ``marker`` exists."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, *args], cwd=REPO_ROOT, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + timeout
+    try:
+        while not marker.exists():
+            assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before {marker} appeared"
+            assert time.time() < deadline, f"{marker} did not appear within {timeout}s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    from cgpt.checkpoint import load_gpt
+
+    return load_gpt(path).state_dict()
+
+
+# --- multi-process runs ---------------------------------------------------------------------------
+STRATEGIES = ["ddp", "fsdp"] + (
+    ["deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_2_offload"] if HAS_DEEPSPEED else []
+)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One uninterrupted 2-process run per strategy (6 steps, checkpoints every 2)."""
+    root = tmp_path_factory.mktemp("strategies")
+    out = {}
+    for name in STRATEGIES:
+        out[name] = root / name
+        train(tiny_data_dir, out[name], name)
+    return out
+
+
+@pytest.mark.slow
+def test_same_first_loss_across_strategies_and_loss_decreases(runs: dict[str, Path]) -> None:
+    ref = losses(runs["ddp"])
+    assert sorted(ref) == list(range(STEPS))
+    assert ref[STEPS - 1] < ref[0] - 0.05, ref  # it learns
+    for name, out in runs.items():
+        got = losses(out)
+        assert abs(got[0] - ref[0]) < TOL, (name, got[0], ref[0])  # same init, same data
+        assert got[STEPS - 1] < got[0] - 0.05, (name, got)
+        if "offload" not in name:  # same math (AdamW; DeepSpeedCPUAdam rounds differently)
+            for step in ref:
+                assert abs(got[step] - ref[step]) < 1e-4, (name, step, got[step], ref[step])
+
+
+@pytest.mark.slow
+def test_sharded_checkpoints_are_complete_folders_and_keep_last_k(runs: dict[str, Path]) -> None:
+    from cgpt.checkpoint import is_complete_checkpoint, resume_checkpoint
+
+    for name, out in runs.items():
+        ckpts = out / "checkpoints"
+        assert resume_checkpoint(ckpts) == ckpts / "last.ckpt", name
+        steps = sorted(p.name for p in ckpts.glob("step*.ckpt"))
+        assert steps == ["step0000004.ckpt", "step0000006.ckpt"], (name, steps)  # keep_last=2
+        assert list(ckpts.glob("best-*.ckpt")), name
+        assert not list(ckpts.glob(".*")), (name, list(ckpts.glob(".*")))  # no temp/old leftovers
+        last = ckpts / "last.ckpt"
+        assert is_complete_checkpoint(last)
+        assert last.is_dir() == (name != "ddp"), name  # FSDP and DeepSpeed save sharded folders
+
+
+@pytest.mark.slow
+def test_consolidate_every_format_to_the_same_fp32_weights(runs: dict[str, Path], tmp_path: Path) -> None:
+    ref = weights(runs["ddp"] / "checkpoints" / "last.ckpt")
+    for name, out in runs.items():
+        dst = tmp_path / f"{name}.ckpt"
+        run_script(["train/consolidate.py", str(out), "--out", str(dst)], timeout=120)
+        ckpt = torch.load(dst, map_location="cpu", weights_only=False)
+        assert ckpt["global_step"] == STEPS and "PackedDataModule" in ckpt, name
+        assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values())
+        assert not any("_orig_mod" in k or "_forward_module" in k for k in ckpt["state_dict"]), name
+        got = weights(dst)
+        assert list(got) == list(ref)
+        if "offload" not in name:
+            for k in ref:
+                torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-3, msg=f"{name}: {k}")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_rerun_matches_uninterrupted(
+    runs: dict[str, Path], tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """FSDP (sharded, atomic folders): kill -9 after the step-2 checkpoint, re-run the same command."""
+    out = tmp_path / "killed"
+    args = pretrain_args(tiny_data_dir, out, "fsdp")
+    kill_after(args, out / "checkpoints" / "step0000002.ckpt")
+    proc = run_script(args, timeout=400)
+    assert "resuming from" in proc.stdout
+    ref, got = losses(runs["fsdp"]), losses(out)
+    assert set(got) == set(ref)
+    for step in ref:
+        assert abs(got[step] - ref[step]) < TOL, (step, got[step], ref[step])
+    a, b = weights(out / "checkpoints" / "last.ckpt"), weights(runs["fsdp"] / "checkpoints" / "last.ckpt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=TOL, rtol=0, msg=k)
+
+
+@pytest.mark.slow
+def test_resume_under_another_strategy_from_a_consolidated_checkpoint(
+    runs: dict[str, Path], tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    # FSDP sharded step-4 checkpoint -> one file (optimizer state kept) -> resumed with DDP: exact.
+    src = tmp_path / "fsdp_step4.ckpt"
+    run_script(["train/consolidate.py", str(runs["fsdp"] / "checkpoints" / "step0000004.ckpt"), "--out", str(src)])
+    out = tmp_path / "ddp_from_fsdp"
+    proc = train(tiny_data_dir, out, "ddp", 2, f"resume={src}")
+    assert "resuming from" in proc.stdout
+    ref, got = losses(runs["fsdp"]), losses(out)
+    assert sorted(got) == [4, 5]
+    for step in got:
+        assert abs(got[step] - ref[step]) < TOL, (step, got[step], ref[step])
+    if not HAS_DEEPSPEED:
+        return
+    # DeepSpeed ZeRO-3 step-4 checkpoint -> one file (weights only) -> resumed with FSDP: same weights,
+    # step, schedule and data, so the first resumed loss matches; Adam moments restart.
+    src = tmp_path / "ds3_step4.ckpt"
+    run_script(["train/consolidate.py", str(runs["deepspeed_stage_3"] / "checkpoints" / "step0000004.ckpt"),
+                "--out", str(src)])  # fmt: skip
+    out = tmp_path / "fsdp_from_ds3"
+    train(tiny_data_dir, out, "fsdp", 2, f"resume={src}")
+    ref, got = losses(runs["deepspeed_stage_3"]), losses(out)
+    assert sorted(got) == [4, 5] and abs(got[4] - ref[4]) < TOL, (got, ref)
