@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,8 @@ def model_dict(cfg: DictConfig) -> dict[str, Any]:
     return source_model_config(cfg.init_from).to_dict()
 
 
-def build(cfg: DictConfig) -> tuple[L.Trainer, CerebrasGPTModule, PackedDataModule, RunSummary]:
-    """Compose-time config -> (trainer, module, datamodule, summary writer). Nothing runs yet."""
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+def pretrain_components(cfg: DictConfig) -> tuple[CerebrasGPTModule, PackedDataModule]:
+    """The module and the packed-shard datamodule of pretraining (and continued pretraining)."""
     init_from = cfg.get("init_from")
     module = CerebrasGPTModule(
         model=model_dict(cfg), optim=container(cfg.optim), scheduler=container(cfg.scheduler),
@@ -73,7 +73,20 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, CerebrasGPTModule, PackedDataModu
         m = datamodule.meta
         for note in check_tokenizer(init_from, m.tokenizer, m.vocab_size, m.eos_id):
             print(f"init_from: {note}", flush=True)
+    return module, datamodule
 
+
+def build(
+    cfg: DictConfig, components: Callable[[DictConfig], tuple[Any, Any]] = pretrain_components
+) -> tuple[L.Trainer, CerebrasGPTModule, L.LightningDataModule, RunSummary]:
+    """Compose-time config -> (trainer, module, datamodule, summary writer). Nothing runs yet.
+
+    ``components(cfg) -> (module, datamodule)`` builds the pair to train (train/finetune.py passes its own);
+    the datamodule needs ``seq_len`` and ``cfg.data`` the keys ``micro_batch_size``/``global_batch_size``.
+    """
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module, datamodule = components(cfg)
+    data_cfg = container(cfg.data)
     trainer_cfg = container(cfg.trainer)
     max_steps = trainer_cfg.pop("max_steps") or module.recipe.max_steps
     validate_every = trainer_cfg.pop("validate_every_steps")
@@ -124,10 +137,10 @@ def _cluster_plugins() -> list[Any]:
     return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
 
 
-def fit(cfg: DictConfig) -> dict[str, Any]:
+def fit(cfg: DictConfig, components: Callable[[DictConfig], tuple[Any, Any]] = pretrain_components) -> dict[str, Any]:
     """Train (resuming when the output folder has a checkpoint), validate at the end, write
     summary.json, print the result and a sample. Returns the summary."""
-    trainer, module, datamodule, summary = build(cfg)
+    trainer, module, datamodule, summary = build(cfg, components)
     ckpt = None
     if cfg.resume == "auto":
         ckpt = resume_checkpoint(Path(cfg.paths.output_dir) / "checkpoints")
@@ -150,7 +163,7 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
     sample = _sample(cfg, module) if trainer.is_global_zero else None
     result = summary.write(trainer, module, sample=sample)
     if trainer.is_global_zero:
-        entropy = datamodule.meta.extra.get("unigram_entropy")
+        entropy = datamodule.meta.extra.get("unigram_entropy") if hasattr(datamodule, "meta") else None
         print(f"\nfinal: step {result['steps']}, train loss {result['train_loss']:.4f}, "
               f"val loss {result['val_loss']:.4f} nats/token"
               + (f" (unigram entropy of the corpus: {entropy:.3f})" if entropy else ""), flush=True)  # fmt: skip
