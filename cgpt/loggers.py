@@ -8,6 +8,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+import torch
+
 RUN_ID_FILE = "wandb_run_id"
 
 
@@ -38,12 +41,14 @@ def wandb_logger(
     mode: str = "auto",
     group: str | None = None,
     tags: list[str] | None = None,
+    point: int | str | None = None,
     **kwargs: Any,
 ):
     """A Lightning ``WandbLogger`` that keeps one W&B run per output folder.
 
     The run id is stored in ``<save_dir>/wandb_run_id``: a requeued or re-run job with the same
-    output folder continues the same run instead of starting a new one.
+    output folder continues the same run instead of starting a new one. ``point`` (a sweep point's
+    number) is appended to the name; sweep points share ``group``.
     """
     from lightning.pytorch.loggers import WandbLogger
 
@@ -55,6 +60,8 @@ def wandb_logger(
         run_id = uuid.uuid4().hex[:12]
         if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
             id_file.write_text(run_id + "\n")
+    if point is not None and name:
+        name = f"{name}-{point}"
     return WandbLogger(
         project=project,
         name=name,
@@ -66,3 +73,53 @@ def wandb_logger(
         resume="allow",
         **kwargs,
     )
+
+
+class SampleLogger(L.Callback):
+    """After each validation, rank 0 generates a short text from ``prompt`` and logs the samples so
+    far as a table (W&B ``log_text``; TensorBoard ``add_text``; other loggers: nothing).
+
+    Generation uses the unwrapped model on rank 0 alone, so it runs only under strategies whose
+    ranks each hold the whole model (single device, DDP); sharded strategies skip it.
+    """
+
+    def __init__(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.8, top_k: int | None = 50,
+                 seed: int = 0) -> None:  # fmt: skip
+        self.prompt, self.max_new_tokens = prompt, max_new_tokens
+        self.temperature, self.top_k, self.seed = temperature, top_k, seed
+        self.rows: list[list[Any]] = []
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or getattr(pl_module, "model", None) is None:
+            return
+        if type(trainer.strategy).__name__ not in ("DDPStrategy", "SingleDeviceStrategy"):
+            return
+        targets = [lg for lg in trainer.loggers if type(lg).__name__ in ("WandbLogger", "TensorBoardLogger")]
+        if not targets:
+            return
+        text = self.generate(pl_module)
+        self.rows.append([trainer.global_step, self.prompt, text])
+        for lg in targets:
+            if type(lg).__name__ == "WandbLogger":
+                lg.log_text("samples", columns=["step", "prompt", "sample"], data=list(self.rows))
+            else:
+                lg.experiment.add_text("samples", f"**{self.prompt}**{text}", trainer.global_step)
+
+    def generate(self, pl_module: L.LightningModule) -> str:
+        """The continuation of the prompt (prompt excluded), sampled with a fixed seed."""
+        from cgpt.data.tokenizer import get_tokenizer
+        from cgpt.generate import generate
+
+        tok = get_tokenizer()
+        model = pl_module.model
+        idx = torch.tensor([tok.encode(self.prompt)], device=pl_module.device)
+        n = min(self.max_new_tokens, pl_module.model_config.block_size - idx.size(1))
+        g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = generate(model, idx, n, temperature=self.temperature, top_k=self.top_k, generator=g)
+        finally:
+            model.train(was_training)
+        return tok.decode(out[0, idx.size(1) :].tolist())

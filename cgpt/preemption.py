@@ -58,7 +58,7 @@ class PreemptionHandler(L.Callback):
     def install(self) -> None:
         """(Re)install the flag-setting handler for each signal (replacing Lightning's SIGTERM handler)."""
         for sig in self.signals:
-            previous = signal.signal(sig, self._handle)
+            previous = signal.signal(sig, self.handle)
             self._previous.setdefault(sig, previous)
 
     def restore(self) -> None:
@@ -67,7 +67,8 @@ class PreemptionHandler(L.Callback):
             signal.signal(sig, previous)
         self._previous.clear()
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def handle(self, signum: int, frame: Any = None) -> None:
+        """The signal handler: remember the first signal (the work happens at the next step boundary)."""
         if self.received is None:
             self.received, self.received_at = signum, time.time()
             name = signal.Signals(signum).name

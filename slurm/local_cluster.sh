@@ -27,7 +27,9 @@ install_packages() {
 
 write_conf() {
     local cpus mem_mb
+    # At least 4 CPUs (config_overrides: more than the machine has), so two 2-task test jobs run side by side.
     cpus="$(nproc)"
+    ((cpus < 4)) && cpus=4
     mem_mb="$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"
     mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
     cat >"$CONF" <<EOF
@@ -53,6 +55,7 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MpiDefault=none
+SlurmdParameters=config_overrides
 ReturnToService=2
 # Fast turnaround for tests: short waits between SIGTERM and SIGKILL, requeue without delay.
 KillWait=10

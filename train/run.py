@@ -29,6 +29,7 @@ from cgpt.checkpoint import AtomicCheckpointIO, resume_checkpoint  # noqa: E402
 from cgpt.data.datamodule import PackedDataModule  # noqa: E402
 from cgpt.hardware import resolve_precision  # noqa: E402
 from cgpt.lit_module import CerebrasGPTModule  # noqa: E402
+from cgpt.loggers import SampleLogger  # noqa: E402
 from cgpt.preemption import PreemptionHandler  # noqa: E402
 from cgpt.preflight import check_run, plan_batch  # noqa: E402
 from cgpt.slurm import check_environment  # noqa: E402
@@ -111,10 +112,14 @@ def build(
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None] + [summary]
     if cfg.get("preemption"):  # checkpoint + requeue on SIGUSR1/SIGTERM (cgpt/preemption.py)
         callbacks.append(PreemptionHandler(str(out_dir / "checkpoints"), **container(cfg.preemption)))
-        callbacks[-1].received = STARTUP_SIGNALS[0] if STARTUP_SIGNALS else None
+        for signum in STARTUP_SIGNALS[:1]:
+            callbacks[-1].handle(signum)
     else:
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     logger = instantiate(cfg.logger) if cfg.logger and cfg.logger.get("_target_") else False
+    if logger and cfg.sample and cfg.sample.prompt:  # a table of samples at each validation (W&B, TensorBoard)
+        s = cfg.sample
+        callbacks.append(SampleLogger(s.prompt, s.max_new_tokens, s.temperature, s.top_k, seed=cfg.seed))
     trainer = L.Trainer(
         **trainer_cfg,
         max_steps=max_steps,
@@ -127,6 +132,8 @@ def build(
         logger=logger,
         default_root_dir=str(out_dir),
     )
+    for lg in trainer.loggers:  # the whole resolved config (rank 0 only), not just the module's arguments
+        lg.log_hyperparams(resolved)
     return trainer, module, datamodule, summary
 
 
