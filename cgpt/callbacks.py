@@ -79,30 +79,68 @@ def _seq_len(trainer: L.Trainer, pl_module: L.LightningModule) -> int | None:
 
 
 class ProgressPrinter(L.Callback):
-    """One plain line every ``every`` steps and after each validation (good for log files)."""
+    """Training progress on rank 0: a progress bar (loss, tokens/s, ETA) when the output is a terminal,
+    else one plain line every ``every`` steps (log files, SLURM); validation results either way.
 
-    def __init__(self, every: int = 50) -> None:
+    Args:
+        every: steps between plain lines.
+        bar: ``"auto"`` (a bar when the output is a terminal), ``true`` or ``false``.
+    """
+
+    def __init__(self, every: int = 50, bar: str | bool = "auto") -> None:
         self.every = every
+        self.bar = bar
         self._start = 0.0
+        self._step0 = 0
+        self._bar: Any = None
+
+    def _stream(self) -> Any:
+        return sys.stderr if os.environ.get("CGPT_PROGRESS_STDERR") else sys.stdout
 
     def _print(self, trainer: L.Trainer, msg: str) -> None:
-        if trainer.is_global_zero:
-            print(msg, file=sys.stderr if os.environ.get("CGPT_PROGRESS_STDERR") else sys.stdout, flush=True)
+        if not trainer.is_global_zero:
+            return
+        if self._bar is not None:
+            self._bar.write(msg, file=self._stream())
+        else:
+            print(msg, file=self._stream(), flush=True)
+
+    def _use_bar(self) -> bool:
+        if self.bar == "auto":
+            return self._stream().isatty()
+        return bool(self.bar)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start = time.time()
+        self._start, self._step0 = time.time(), trainer.global_step
         n = pl_module.model.num_params() if pl_module.model is not None else 0
         self._print(
             trainer, f"training {pl_module.model_config.name}: {n / 1e6:.2f}M parameters, {trainer.max_steps} steps"
         )
+        if trainer.is_global_zero and self._use_bar():
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, unit="step", file=self._stream(),
+                             dynamic_ncols=True, desc="train")  # fmt: skip
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
+        if self._bar is not None:
+            if step > self._bar.n:
+                m = trainer.callback_metrics
+                post = {}
+                if "train/loss" in m:
+                    post["loss"] = f"{_scalar(m['train/loss']):.4f}"
+                if "tokens_per_sec" in m:
+                    post["tok/s"] = f"{_scalar(m['tokens_per_sec']):,.0f}"
+                if post:
+                    self._bar.set_postfix(post, refresh=False)
+                self._bar.update(step - self._bar.n)
+            return
         if step % self.every or step == 0 or trainer.fit_loop._should_accumulate():
             return
         m = trainer.callback_metrics
         elapsed = time.time() - self._start
-        eta = elapsed / max(step, 1) * (trainer.max_steps - step)
+        eta = elapsed / max(step - self._step0, 1) * (trainer.max_steps - step)  # this run's pace (resumes too)
         parts = [f"step {step}/{trainer.max_steps}"]
         if "train/loss" in m:
             parts.append(f"loss {_scalar(m['train/loss']):.4f}")
@@ -120,6 +158,11 @@ class ProgressPrinter(L.Callback):
             return
         loss = _scalar(trainer.callback_metrics["val/loss"])
         self._print(trainer, f"step {trainer.global_step}: val loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.1f})")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def _bad_shards(datamodule: Any) -> int:

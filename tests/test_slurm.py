@@ -166,3 +166,41 @@ try:
                 os.kill(os.getpid(), signal.SIGUSR1)
 except ImportError:  # pragma: no cover
     pass
+
+
+def _fake_run(max_steps: int = 4):
+    from types import SimpleNamespace
+
+    loop = SimpleNamespace(_should_accumulate=lambda: False)
+    trainer = SimpleNamespace(is_global_zero=True, global_step=0, max_steps=max_steps, sanity_checking=False,
+                              callback_metrics={}, fit_loop=loop)  # fmt: skip
+    model = SimpleNamespace(num_params=lambda: 2_000_000)
+    module = SimpleNamespace(model=model, model_config=SimpleNamespace(name="m"))
+    return trainer, module
+
+
+@pytest.mark.parametrize("bar", [False, True])
+def test_progress_lines_in_log_files_and_bar_on_terminals(bar: bool, capsys: pytest.CaptureFixture) -> None:
+    """SLURM log files (not a terminal) get plain periodic lines; a terminal gets one updating bar."""
+    import torch
+
+    from cgpt.callbacks import ProgressPrinter
+
+    trainer, module = _fake_run()
+    progress = ProgressPrinter(every=2, bar="auto" if not bar else True)
+    progress.on_train_start(trainer, module)
+    for step in range(1, 5):
+        trainer.global_step = step
+        trainer.callback_metrics = {"train/loss": torch.tensor(5.0 - step), "tokens_per_sec": 1234.0}
+        progress.on_train_batch_end(trainer, module)
+    trainer.callback_metrics["val/loss"] = torch.tensor(1.5)
+    progress.on_validation_end(trainer, module)
+    progress.teardown(trainer, module, "fit")
+    out = capsys.readouterr().out
+    assert "training m: 2.00M parameters, 4 steps" in out and "step 4: val loss 1.5000" in out
+    if bar:
+        assert "4/4" in out and "loss=1.0000" in out and "\r" in out and "step 2/4 |" not in out
+    else:
+        lines = [line for line in out.splitlines() if line.startswith("step ") and "|" in line]
+        assert [line.split(" |")[0] for line in lines] == ["step 2/4", "step 4/4"] and "\r" not in out
+        assert "loss 3.0000" in lines[0] and "1,234 tok/s" in lines[0] and "eta" in lines[0]
