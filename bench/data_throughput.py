@@ -58,7 +58,8 @@ def time_reader(batches, seconds: float, warmup: int = 2) -> tuple[float, int]:
         next(it)
     tokens, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        tokens += next(it)["tokens"].numel()
+        batch = next(it)["tokens"]
+        tokens += batch.numel() if batch is not None else 0
     return tokens / (time.perf_counter() - start), tokens
 
 

@@ -6,6 +6,7 @@ import os
 import sys
 import warnings
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,22 @@ from cgpt.data.shards import DatasetMeta
 from cgpt.data.stream import PackedStream, Shard
 
 TRACE_ENV = "CGPT_DATA_TRACE"  # file prefix: each rank appends the training batches it consumes
+
+
+class PackedLoader(DataLoader):
+    """A DataLoader that drops the placeholders of batches that needed an unreadable shard
+    (``tokens`` None) after handing them to ``on_skip``, in the training process, so the order
+    of the remaining batches is still independent of the number of workers."""
+
+    on_skip: Callable[[dict[str, Any]], None] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in super().__iter__():
+            if isinstance(batch, dict) and batch.get("tokens", ()) is None:
+                if self.on_skip is not None:
+                    self.on_skip(batch)
+                continue
+            yield batch
 
 
 class DataMismatchError(ValueError):
@@ -149,8 +166,8 @@ class PackedDataModule(L.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
-    def _loader(self, dataset: PackedStream) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: PackedStream, split: str) -> DataLoader:
+        loader = PackedLoader(
             dataset,
             batch_size=None,  # the stream yields whole micro-batches
             num_workers=self.num_workers,
@@ -158,6 +175,8 @@ class PackedDataModule(L.LightningDataModule):
             persistent_workers=False,
             prefetch_factor=4 if self.num_workers > 0 else None,
         )
+        loader.on_skip = lambda batch: self._note_bad_shards(batch.get("bad_shards"), split)
+        return loader
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
@@ -167,7 +186,7 @@ class PackedDataModule(L.LightningDataModule):
             self._shards("train"), self.meta.sample_len, self.micro_batch_size, rank, world,
             seed=self.seed, shuffle=True, infinite=True, start_batch=start, mix_shards=self.mix_shards,
         )  # fmt: skip
-        return self._loader(stream)
+        return self._loader(stream, "train")
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
@@ -175,33 +194,37 @@ class PackedDataModule(L.LightningDataModule):
             self._shards("val"), self.meta.sample_len, self.micro_batch_size, rank, world,
             seed=self.seed, shuffle=False, infinite=False, max_batches=self.val_batches,
         )  # fmt: skip
-        return self._loader(stream)
+        return self._loader(stream, "val")
 
     # --- the data position -------------------------------------------------------------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if not isinstance(batch, dict):
             return batch
         trainer = getattr(self, "trainer", None)
-        bad = batch.pop("bad_shards", None)
-        bad = bad.tolist() if isinstance(bad, torch.Tensor) else list(bad or ())
-        if bad:
-            split = "train" if trainer is None or trainer.training else "val"
-            shards = self.meta.shards(split)
-            new = {shards[int(i)]["name"] for i in bad} - self.bad_shard_names
-            if new:
-                self.bad_shard_names |= new
-                print(
-                    f"data: skipped {len(new)} unreadable shard(s) {sorted(new)}; {self.bad_shards} so far "
-                    f"(rank {self._rank_world()[0]})",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        split = "train" if trainer is None or trainer.training else "val"
+        self._note_bad_shards(batch.pop("bad_shards", None), split)
         index = batch.pop("batch_index", None)
         if index is not None and trainer is not None and trainer.training:
             self.consumed_micro_batches = int(index) + 1
             if os.environ.get(TRACE_ENV):
                 self._trace(int(index), batch["tokens"])
         return batch
+
+    def _note_bad_shards(self, ids: Any, split: str) -> None:
+        """Record (and report once) the shards of ``split`` a worker found unreadable."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids or ())
+        if not ids:
+            return
+        shards = self.meta.shards(split)
+        new = {shards[int(i)]["name"] for i in ids} - self.bad_shard_names
+        if new:
+            self.bad_shard_names |= new
+            rank = self._rank_world()[0]
+            print(
+                f"data: skipped {len(new)} unreadable shard(s) {sorted(new)}; {self.bad_shards} so far (rank {rank})",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _trace(self, index: int, tokens: torch.Tensor) -> None:
         """Append ``rank batch_index crc32(tokens)`` to the file named by ``CGPT_DATA_TRACE``."""

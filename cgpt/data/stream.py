@@ -31,8 +31,10 @@ already-consumed batches are not even read.
 
 Unreadable shards (missing, truncated, corrupt, checksum mismatch) are skipped with a warning;
 their ids travel with the next batch (``bad_shards``) so the data module can count them. A
-training batch that needed a bad shard is dropped (the batch index moves on); a validation batch
-is replaced by a readable one so every rank runs the same number of validation steps.
+training batch that needed a bad shard comes as a placeholder with ``tokens=None``, which the
+data module's loader drops in the training process (dropping it in the worker would break the
+round-robin order); a validation batch is replaced by a readable one so every rank runs the
+same number of validation steps.
 """
 
 from __future__ import annotations
@@ -70,7 +72,9 @@ class PackedStream(IterableDataset):
     """Micro-batches ``{"tokens": LongTensor (B, seq_len + 1), "batch_index": int, "bad_shards": [int]}``.
 
     ``batch_index`` counts this rank's micro-batches from the start of training (the resume
-    position); ``bad_shards`` lists shards found unreadable since the previous batch.
+    position); ``bad_shards`` lists shards found unreadable since the previous batch; ``tokens``
+    is None for a training batch that needed an unreadable shard (drop it: see
+    :class:`cgpt.data.datamodule.PackedLoader`).
 
     Args:
         shards: the split's shards with their sample counts (from meta.json).
@@ -203,13 +207,15 @@ class PackedStream(IterableDataset):
                 bad_ids.extend(bad)
                 if j < 0:
                     continue
-                if rows is None:  # training simply moves on; validation serves a readable stand-in
-                    if not self.infinite:
-                        if spare is None:
-                            owed.append(j)
-                        else:
-                            yield self._item(spare, j, bad_ids)
-                            bad_ids = []
+                if rows is None:  # training: a placeholder (keeps the workers' round-robin intact);
+                    if self.infinite:  # validation: a readable stand-in (keeps the step count)
+                        yield self._item(None, j, bad_ids)
+                    elif spare is None:
+                        owed.append(j)
+                        continue
+                    else:
+                        yield self._item(spare, j, bad_ids)
+                    bad_ids = []
                     continue
                 for k in [*owed, j]:
                     yield self._item(rows, k, bad_ids)
@@ -224,7 +230,7 @@ class PackedStream(IterableDataset):
                 return
             epoch, first, before = epoch + 1, 0, before + self.batches_in_epoch(epoch)
 
-    def _item(self, rows: torch.Tensor, j: int, bad_ids: list[int]) -> dict[str, Any]:
+    def _item(self, rows: torch.Tensor | None, j: int, bad_ids: list[int]) -> dict[str, Any]:
         # Plain ints travel from worker processes almost for free; each tensor costs a shared-memory
         # segment, so only the tokens are one.
         return {"tokens": rows, "batch_index": j, "bad_shards": list(bad_ids)}
