@@ -42,14 +42,16 @@ class SequencePacker:
         self.samples = 0
         self.documents = 0
 
-    def add(self, ids: list[int], eos_id: int) -> None:
-        arr = np.empty(len(ids) + 1, dtype=TOKEN_DTYPE)
-        arr[:-1] = ids
-        arr[-1] = eos_id
+    def add(self, ids: list[int], eos_id: int | None) -> None:
+        """Append a document, or a piece of one: ``eos_id`` ends the document, None continues it."""
+        arr = np.empty(len(ids) + (eos_id is not None), dtype=TOKEN_DTYPE)
+        arr[: len(ids)] = ids
+        if eos_id is not None:
+            arr[-1] = eos_id
+            self.documents += 1
         self._pending.append(arr)
         self._pending_len += len(arr)
         self.tokens += len(arr)
-        self.documents += 1
         if len(self._buf) + self._pending_len >= 64 * (self.seq_len + 1):
             self._flush()
 
@@ -181,20 +183,14 @@ def prepare(
     position = [0, 0]  # [files done, raw bytes read of the current file]
     progress = _Progress(log, sum(sizes), tty, progress_every)
     doc_index = chars = 0
-    current: list[int] = []  # token ids of the document being assembled from pieces
 
     def pack(batch: list[tuple[str, bool]], encoded: list[list[int]]) -> None:
-        nonlocal doc_index, chars, current
+        nonlocal doc_index, chars
         for (text, last), ids in zip(batch, encoded, strict=True):
             chars += len(text)
-            if current or not last:  # a document in pieces
-                current.extend(ids)
-                if not last:
-                    continue
-                ids, current = current, []
             split = "val" if doc_index % val_every == val_every - 1 else "train"
-            packers[split].add(ids, tok.eos_id)
-            doc_index += 1
+            packers[split].add(ids, tok.eos_id if last else None)  # pieces stream through
+            doc_index += last
 
     pieces = iter_documents(files, text_key, piece_chars=piece_chars, progress=position)
     with ThreadPoolExecutor(max_workers=1) as encoder:  # tokenizes batch i+1 while batch i is packed
