@@ -245,3 +245,13 @@ def test_convert_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture) -
         assert (hf(idx).logits - expected).abs().max().item() < 1e-4
     assert cli.main(["from-hf", str(tmp_path / "missing"), str(ckpt)]) == 1
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_bf16_mup_export_reloads(tmp_path: Path) -> None:
+    """A reduced-precision muP export still passes the untied-head check (rounded separately) and reloads."""
+    model, src = _export(tmp_path, mup=True)
+    to_hf(model, tmp_path / "bf16", dtype=torch.bfloat16)
+    back = from_hf(tmp_path / "bf16")
+    idx = torch.randint(0, 101, (1, 16))
+    with torch.no_grad():
+        assert (back(idx) - model(idx)).abs().max().item() < 0.1
