@@ -87,3 +87,19 @@ def test_adapters_save_and_load_on_their_own(tmp_path) -> None:
 def test_bad_targets_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown LoRA target"):
         LoRAConfig(targets=["attn.q_proj"])
+
+
+def test_merge_cli_writes_a_hf_folder_equal_to_base_plus_adapters(tmp_path) -> None:
+    from cgpt.hf import from_hf
+    from cgpt.lora import main
+
+    base = _model()
+    ckpt = tmp_path / "base.ckpt"
+    state = {f"model.{k}": v for k, v in base.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"model": base.config.to_dict()}}, ckpt)
+    apply_lora(base, LoRAConfig(rank=2, targets=["mlp"]))
+    _randomise_adapters(base)
+    save_adapters(base, tmp_path / "adapters.pt")
+    assert main(["merge", str(ckpt), "--adapters", str(tmp_path / "adapters.pt"), "--out", str(tmp_path / "hf")]) == 0
+    idx = torch.randint(0, 97, (2, 12))
+    torch.testing.assert_close(from_hf(tmp_path / "hf")(idx), base(idx), rtol=1e-5, atol=1e-5)
