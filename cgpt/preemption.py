@@ -87,6 +87,7 @@ class PreemptionHandler(L.Callback):
         trainer.save_checkpoint(path)
         self.saved_step = trainer.global_step
         trainer.should_stop = True
+        trainer.limit_val_batches = 0  # Lightning validates when a run stops early: no time for that now
         if trainer.is_global_zero:
             print(f"preempted: saved {path} at step {trainer.global_step}", flush=True)
 

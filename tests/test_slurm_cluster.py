@@ -62,7 +62,8 @@ def _job(job: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
 
 
-def _submit(tiny_data_dir: Path, out: Path, time_limit: str, signal_seconds: int) -> str:
+def _submit(tiny_data_dir: Path, out: Path, time_limit: str, signal_seconds: int) -> subprocess.Popen:
+    """Start slurm/submit.py (both jobs are submitted concurrently); :func:`_job_id` waits for it."""
     env = {**ENV, "PYTHONPATH": str(REPO_ROOT / "tests")}
     args = [
         "experiment=smoke", "strategy=ddp", f"data.dir={tiny_data_dir}", "data.micro_batch_size=2",
@@ -74,10 +75,14 @@ def _submit(tiny_data_dir: Path, out: Path, time_limit: str, signal_seconds: int
         f"slurm.signal_seconds={signal_seconds}", f"+slurm.env.PYTHONPATH={REPO_ROOT / 'tests'}",
         "+slurm.env.WANDB_MODE=offline",
     ]  # fmt: skip
-    proc = subprocess.run([sys.executable, "slurm/submit.py", *args], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    return subprocess.Popen([sys.executable, "slurm/submit.py", *args], cwd=REPO_ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+
+def _job_id(proc: subprocess.Popen) -> str:
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    return re.search(r"submitted job (\d+)", out).group(1)
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +90,18 @@ def jobs(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     """Submit the uninterrupted and the time-limited job together; poll scontrol until both end."""
     root = tmp_path_factory.mktemp("slurm")
     full, pre = root / "full", root / "pre"
-    ids = {"full": _submit(tiny_data_dir, full, "10", 60), "pre": _submit(tiny_data_dir, pre, "1", 50)}
+    procs = {"full": _submit(tiny_data_dir, full, "10", 60), "pre": _submit(tiny_data_dir, pre, "1", 50)}
+    ids = {k: _job_id(p) for k, p in procs.items()}
     dirs = {"full": full, "pre": pre}
     raised, deadline, state = False, time.time() + 420, {}
     try:
         while time.time() < deadline:
             state = {k: _job(j) for k, j in ids.items()}
             if not raised and int(state["pre"].get("Restarts", 0)) >= 1:
-                # Requeued once: lift the limit so the resumed job is not signalled again (keeps the test short).
-                subprocess.run(["scontrol", "update", f"JobId={ids['pre']}", "TimeLimit=10"], env=ENV, timeout=30)
+                # Requeued once. To keep the test short: start it now (SLURM holds a requeued job for
+                # ~2 min) and lift its limit so the resumed job is not signalled again.
+                update = ["scontrol", "update", f"JobId={ids['pre']}", "StartTime=now", "TimeLimit=10"]
+                subprocess.run(update, env=ENV, timeout=30)
                 raised = True
             if all(s.get("JobState") in FINAL for s in state.values()):
                 break
