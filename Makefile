@@ -11,7 +11,7 @@ endif
 BIN := $(VENV)/bin
 DEMO_DATA := data/prepared/shakespeare
 
-.PHONY: install install-dev demo data test lint format clean
+.PHONY: install install-dev deepspeed-ops demo data test lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +46,12 @@ format: install-dev
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: install-dev lint
+# DeepSpeed's two CPU ops (shared-memory comm, CPU Adam), compiled once into TORCH_EXTENSIONS_DIR.
+deepspeed-ops: install-dev
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, ShareMemCommBuilder; \
+	[b().load(verbose=False) for b in (ShareMemCommBuilder, CPUAdamBuilder)]"
+
+test: install-dev lint deepspeed-ops
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest -q -rs --durations=15 tests
 
 clean:

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from cgpt.config import ConfigError
 from conftest import REPO_ROOT, run_script
 
+from cgpt.config import ConfigError
+
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed not installed (pip install 'cgpt[deepspeed]')")
+needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed missing: pip install 'cgpt[deepspeed]'")
 STEPS = 6
 TOL = 1e-5
 
@@ -127,6 +127,14 @@ def kill_after(args: list[str], marker: Path, timeout: float = 400) -> None:
         proc.wait(timeout=30)
 
 
+def consolidate(*args: str) -> Path:
+    """train/consolidate.py in this process (its imports are already paid for)."""
+    spec = importlib.util.spec_from_file_location("consolidate_cli", REPO_ROOT / "train" / "consolidate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(list(args))
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     from cgpt.checkpoint import load_gpt
 
@@ -134,9 +142,8 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 # --- multi-process runs ---------------------------------------------------------------------------
-STRATEGIES = ["ddp", "fsdp"] + (
-    ["deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_2_offload"] if HAS_DEEPSPEED else []
-)
+DEEPSPEED = ["deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_2_offload"]
+STRATEGIES = ["ddp", "fsdp"] + (DEEPSPEED if HAS_DEEPSPEED else [])
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +158,7 @@ def runs(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # the first test pays for the shared runs
 def test_same_first_loss_across_strategies_and_loss_decreases(runs: dict[str, Path]) -> None:
     ref = losses(runs["ddp"])
     assert sorted(ref) == list(range(STEPS))
@@ -165,6 +173,7 @@ def test_same_first_loss_across_strategies_and_loss_decreases(runs: dict[str, Pa
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # the first test pays for the shared runs
 def test_sharded_checkpoints_are_complete_folders_and_keep_last_k(runs: dict[str, Path]) -> None:
     from cgpt.checkpoint import is_complete_checkpoint, resume_checkpoint
 
@@ -181,11 +190,12 @@ def test_sharded_checkpoints_are_complete_folders_and_keep_last_k(runs: dict[str
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # the first test pays for the shared runs
 def test_consolidate_every_format_to_the_same_fp32_weights(runs: dict[str, Path], tmp_path: Path) -> None:
     ref = weights(runs["ddp"] / "checkpoints" / "last.ckpt")
     for name, out in runs.items():
         dst = tmp_path / f"{name}.ckpt"
-        run_script(["train/consolidate.py", str(out), "--out", str(dst)], timeout=120)
+        consolidate(str(out), "--out", str(dst))
         ckpt = torch.load(dst, map_location="cpu", weights_only=False)
         assert ckpt["global_step"] == STEPS and "PackedDataModule" in ckpt, name
         assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values())
@@ -198,6 +208,7 @@ def test_consolidate_every_format_to_the_same_fp32_weights(runs: dict[str, Path]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # the first test pays for the shared runs
 def test_sigkill_mid_training_then_rerun_matches_uninterrupted(
     runs: dict[str, Path], tiny_data_dir: Path, tmp_path: Path
 ) -> None:
@@ -217,12 +228,13 @@ def test_sigkill_mid_training_then_rerun_matches_uninterrupted(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # the first test pays for the shared runs
 def test_resume_under_another_strategy_from_a_consolidated_checkpoint(
     runs: dict[str, Path], tiny_data_dir: Path, tmp_path: Path
 ) -> None:
     # FSDP sharded step-4 checkpoint -> one file (optimizer state kept) -> resumed with DDP: exact.
     src = tmp_path / "fsdp_step4.ckpt"
-    run_script(["train/consolidate.py", str(runs["fsdp"] / "checkpoints" / "step0000004.ckpt"), "--out", str(src)])
+    consolidate(str(runs["fsdp"] / "checkpoints" / "step0000004.ckpt"), "--out", str(src))
     out = tmp_path / "ddp_from_fsdp"
     proc = train(tiny_data_dir, out, "ddp", 2, f"resume={src}")
     assert "resuming from" in proc.stdout
@@ -235,8 +247,7 @@ def test_resume_under_another_strategy_from_a_consolidated_checkpoint(
     # DeepSpeed ZeRO-3 step-4 checkpoint -> one file (weights only) -> resumed with FSDP: same weights,
     # step, schedule and data, so the first resumed loss matches; Adam moments restart.
     src = tmp_path / "ds3_step4.ckpt"
-    run_script(["train/consolidate.py", str(runs["deepspeed_stage_3"] / "checkpoints" / "step0000004.ckpt"),
-                "--out", str(src)])  # fmt: skip
+    consolidate(str(runs["deepspeed_stage_3"] / "checkpoints" / "step0000004.ckpt"), "--out", str(src))
     out = tmp_path / "fsdp_from_ds3"
     train(tiny_data_dir, out, "fsdp", 2, f"resume={src}")
     ref, got = losses(runs["deepspeed_stage_3"]), losses(out)
