@@ -221,26 +221,25 @@ def parameter_report(model: nn.Module, optimizer_bytes_per_param: int = 8) -> di
     Memory counts every weight once in its dtype, plus a gradient (same dtype) and two fp32 AdamW
     moments per *trainable* parameter; activations are not included.
     """
-    seen: set[int] = set()
-    total = trainable = weight_bytes = trainable_bytes = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
+    total = trainable = weight_bytes = trainable_bytes = base = base_bytes = 0
+    for name, p in model.named_parameters():  # named_parameters yields a tied tensor once
         total += p.numel()
         weight_bytes += p.numel() * p.element_size()
+        if ".lora_" not in name:
+            base += p.numel()
+            base_bytes += p.numel() * p.element_size()
         if p.requires_grad:
             trainable += p.numel()
             trainable_bytes += p.numel() * p.element_size()
     state = trainable_bytes + trainable * optimizer_bytes_per_param
-    full = weight_bytes + weight_bytes + total * optimizer_bytes_per_param
+    full = 2 * base_bytes + base * optimizer_bytes_per_param  # every base weight trained, no adapters
     return {
         "total_params": total,
         "trainable_params": trainable,
         "trainable_fraction": trainable / max(total, 1),
         "weights_gb": weight_bytes / 1e9,
         "grads_and_optimizer_gb": state / 1e9,
-        "full_finetune_gb": full / 1e9,
+        "full_finetune_gb": full / 1e9,  # weights + grads + AdamW of the base alone
     }
 
 

@@ -487,6 +487,8 @@ class SFTModule(CerebrasGPTModule):
         the model must be whole on it (single device, DDP); sharded runs convert the checkpoint."""
         if not self.trainer.is_global_zero or self.trainer.global_step < (self.trainer.max_steps or 0):
             return
+        if self.device.type == "cuda":
+            print(f"peak GPU memory (rank 0): {torch.cuda.max_memory_allocated(self.device) / 1e9:.2f} GB", flush=True)
         from cgpt.lora import has_lora, merge_lora, save_adapters
 
         if has_lora(self.model) and self.adapters_path is not None:
