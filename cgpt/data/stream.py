@@ -176,21 +176,25 @@ class PackedStream(IterableDataset):
     def epoch_plan(self, epoch: int) -> list[tuple[tuple[int, ...], np.ndarray]]:
         """This rank's units for ``epoch``: (shard indices, sample positions in the concatenation
         of those shards, in serving order)."""
-        return self._plan(epoch, self.rank)
+        return [(unit, self._indices(epoch, unit, split)) for unit, _, split in self._units(epoch)]
 
-    def _plan(self, epoch: int, rank: int) -> list[tuple[tuple[int, ...], np.ndarray]]:
+    def _units(self, epoch: int) -> Iterator[tuple[tuple[int, ...], int, bool]]:
+        """This rank's (shards read together, samples it takes from them, split among ranks?).
+        Cheap: the permutations are drawn only for the units a worker reads (``_indices``)."""
         world, order = self.world, self._order(epoch).tolist()
         whole = world * self.whole_per_rank
-        mine = order[rank:whole:world]
+        mine = order[self.rank : whole : world]
         rest = order[whole:] if self.split_leftovers else []
-        plan = []
         for group, split in ((mine, False), (rest, True)):
             for g in range(0, len(group), self.mix):
                 unit = tuple(group[g : g + self.mix])
                 total = int(self._counts[list(unit)].sum())
-                idx = _rng(self.seed, epoch, unit[0] + 1).permutation(total) if self.shuffle else np.arange(total)
-                plan.append((unit, idx[rank::world] if split else idx))
-        return plan
+                yield unit, (len(range(self.rank, total, world)) if split else total), split
+
+    def _indices(self, epoch: int, unit: tuple[int, ...], split: bool) -> np.ndarray:
+        total = int(self._counts[list(unit)].sum())
+        idx = _rng(self.seed, epoch, unit[0] + 1).permutation(total) if self.shuffle else np.arange(total)
+        return idx[self.rank :: self.world] if split else idx
 
     # --- iteration ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -245,14 +249,15 @@ class PackedStream(IterableDataset):
         pos = 0  # position in this rank's sample sequence
         parts: dict[int, list[np.ndarray | None]] = {}  # pieces of batches that span shards
         filled: dict[int, int] = {}
-        for unit, idx in self.epoch_plan(epoch):
-            lo, hi = pos, pos + len(idx)
+        for unit, count, split in self._units(epoch):
+            lo, hi = pos, pos + count
             pos = hi
             wanted = [j for j in range(max(first, lo // B), min(n_batches, -(-hi // B))) if (j + skew) % workers == 0]
             if not wanted:
                 if lo >= n_batches * B:
                     break
                 continue
+            idx = self._indices(epoch, unit, split)
             samples, unreadable, bad = self._read_unit(unit)
             reads[0] += len(unit)
             reads[1] += len(bad)

@@ -67,7 +67,10 @@ class GPT2Tokenizer:
         return self._tok.encode(text).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts)]
+        """Token ids of each text, the texts spread over all cores. Uses ``encode_batch_fast``
+        (no offsets: about twice as fast, same ids) where the installed ``tokenizers`` has it."""
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [e.ids for e in encode(texts)]
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
