@@ -129,7 +129,7 @@ def generate(
         start = 0
         for _ in range(max_new_tokens):
             mask, positions = mask_and_positions(start, t_now)
-            logits = model(out[:, start:t_now], start=start, attn_mask=mask, position_ids=positions)
+            logits = model(out[:, start:t_now], start=start, attn_mask=mask, position_ids=positions, last_only=True)
             nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)

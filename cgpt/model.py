@@ -158,12 +158,15 @@ class GPT(nn.Module):
         start: int = 0,
         attn_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids ``idx`` (B, T).
 
         ``start`` is the absolute position of ``idx[:, 0]`` when decoding with the KV caches set
         up by :meth:`setup_kv_cache`. ``attn_mask`` (B, 1, T, T_total) of booleans and
-        ``position_ids`` (B, T) serve batches of left-padded prompts.
+        ``position_ids`` (B, T) serve batches of left-padded prompts. ``last_only`` returns the
+        logits of the last position only, (B, 1, vocab): decoding needs no more, and the LM head
+        over a whole prompt costs as much as several decode steps.
         """
         B, T = idx.shape
         if start + T > self.config.block_size:
@@ -176,6 +179,8 @@ class GPT(nn.Module):
         caches = self.kv_caches
         for i, block in enumerate(self.transformer.h):
             x = block(x, caches[i] if caches is not None else None, start, attn_mask)
+        if last_only:
+            x = x[:, -1:]
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)
         if self.config.mup:

@@ -84,6 +84,8 @@ def test_cached_equals_uncached(mup: bool) -> None:
     with torch.no_grad():
         full = model(cached[:, :34])[:, 4:]
     torch.testing.assert_close(torch.stack(step_logits, dim=1), full, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(cached, last_only=True), model(cached)[:, -1:])
     assert model.kv_caches is None and not model.training
 
 
