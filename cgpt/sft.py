@@ -455,6 +455,16 @@ class SFTDataModule(L.LightningDataModule):
             return 0
         return int(s["consumed_micro_batches"])
 
+    def positions_per_row(self) -> float:
+        """Mean positions computed per row (padding to the batch's longest row included) in epoch 0:
+        what a training step really processes, for tokens/s and MFU."""
+        batches = _Batches(self.train_examples, self.micro_batch_size, self.max_seq_len, self.pack, 0, self.seed)
+        rows = positions = 0
+        for b in batches._epoch(0):
+            rows += len(b)
+            positions += len(b) * max(sum(e.length for e in row) for row in b)
+        return positions / max(rows, 1)
+
     def sample_prompts(self, n: int) -> list[Example]:
         """The first ``n`` validation examples (their prompts are completed at each validation)."""
         return self.val_examples[:n]
@@ -475,7 +485,19 @@ class SFTModule(CerebrasGPTModule):
         self.samples_path: Path | None = None
         self.last_samples: list[dict[str, Any]] = []
         self.export_hf: Path | None = None
+        self.positions_per_row: float | None = None
         self.adapters_path: Path | None = None
+
+    def set_runtime(self, seq_len: int, global_batch_size: int) -> None:
+        """As the base, but "tokens" per step are the positions rows really hold (see
+        :meth:`set_positions_per_row`), not ``seq_len`` per row."""
+        super().set_runtime(seq_len, global_batch_size)
+        if self.positions_per_row:
+            self.tokens_per_step = round(self.positions_per_row * global_batch_size)
+
+    def set_positions_per_row(self, positions: float) -> None:
+        """Mean positions per row of the data (:meth:`SFTDataModule.positions_per_row`)."""
+        self.positions_per_row = positions
 
     def set_exports(self, hf_dir: str | os.PathLike | None, adapters_path: str | os.PathLike | None) -> None:
         """Where the finished model goes: a Hugging Face folder (LoRA merged) and the LoRA adapters."""

@@ -137,6 +137,7 @@ def test_datamodule_split_batches_and_resume(tmp_path) -> None:
     dm.load_state_dict({"consumed_micro_batches": 2, "world_size": 1, "micro_batch_size": 4, "seed": 3})
     resumed = next(iter(dm.train_dataloader()))
     assert resumed["batch_index"] == 2 and torch.equal(resumed["input_ids"], first[2]["input_ids"])
+    assert 0 < dm.positions_per_row() <= 32
     val = list(dm.val_dataloader())
     assert sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in val) == sum(sum(e.loss_mask) for e in dm.val_examples)
 

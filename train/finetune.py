@@ -43,6 +43,7 @@ def sft_components(cfg: DictConfig) -> tuple[SFTModule, SFTDataModule]:
     out = Path(cfg.paths.output_dir)
     module.set_samples(datamodule.sample_prompts(cfg.sft.num_samples), cfg.sft.max_new_tokens, out / "samples.jsonl")
     module.set_exports(cfg.get("export_hf"), out / "adapters.pt")
+    module.set_positions_per_row(datamodule.positions_per_row())  # tokens/s and MFU count real rows, not seq_len
     return module, datamodule
 
 
