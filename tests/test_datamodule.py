@@ -98,3 +98,12 @@ def test_bad_shards_are_counted_once_and_survive_resume(data: Path) -> None:
     resumed = PackedDataModule(str(data), micro_batch_size=4, seed=0)
     resumed.load_state_dict(dm.state_dict())
     assert resumed.bad_shards == 1
+
+
+def test_resume_with_another_layout_keeps_the_sample_position(data: Path) -> None:
+    first = PackedDataModule(str(data), micro_batch_size=4, seed=3)
+    first.consumed_micro_batches = 6
+    again = PackedDataModule(str(data), micro_batch_size=8, seed=3)
+    again.load_state_dict(first.state_dict())
+    with pytest.warns(UserWarning, match="another order"):
+        assert again._resume_batch(world=1) == 3  # 24 samples in

@@ -240,6 +240,7 @@ class PackedDataModule(L.LightningDataModule):
             "micro_batch_size": self.micro_batch_size,
             "world_size": world,
             "seed": self.seed,
+            "mix_shards": self.mix_shards,
             "bad_shard_names": sorted(self.bad_shard_names),
         }
 
@@ -251,8 +252,15 @@ class PackedDataModule(L.LightningDataModule):
         s = self._resume_from
         if not s:
             return 0
-        if s["micro_batch_size"] == self.micro_batch_size and s["world_size"] == world and s["seed"] == self.seed:
+        layout = (self.micro_batch_size, world, self.seed, self.mix_shards)
+        saved = (s["micro_batch_size"], s["world_size"], s["seed"], s.get("mix_shards", self.mix_shards))
+        if saved == layout:
             return int(s["consumed_micro_batches"])
-        # Another layout: keep the global sample position (exact order is not preserved).
+        # Another layout: keep the global sample position; the order from here is another one.
         samples = int(s["consumed_micro_batches"]) * s["micro_batch_size"] * s["world_size"]
+        warnings.warn(
+            "resuming with another (micro_batch_size, world_size, seed, mix_shards) than the checkpoint "
+            f"({saved} -> {layout}): the data continues after the same number of samples, in another order",
+            stacklevel=2,
+        )
         return samples // (self.micro_batch_size * world)
