@@ -165,8 +165,8 @@ def prepare(
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if seq_len <= 0 or val_every < 2:
         raise ValueError("seq_len must be positive and val_every at least 2")
-    if seq_len + 1 > 2**16 or shard_size_mb <= 0:
-        raise ValueError("seq_len must be below 65535 and shard_size_mb positive")
+    if shard_size_mb <= 0:
+        raise ValueError("shard_size_mb must be positive")
     files = expand_inputs(inputs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,6 +174,8 @@ def prepare(
     for stale in out.glob("*.tmp"):
         stale.unlink()
     tok = get_tokenizer(tokenizer_dir)
+    if tok.vocab_size > np.iinfo(TOKEN_DTYPE).max + 1:
+        raise ValueError(f"vocab {tok.vocab_size} does not fit the {TOKEN_DTYPE} token format")
     bytes_per_sample = (seq_len + 1) * TOKEN_DTYPE.itemsize + 2 * TAR_HEADER_BYTES
     per_shard = max(1, int(shard_size_mb * 2**20) // bytes_per_sample)
     writers = {s: ShardWriter(out, s, per_shard) for s in SPLITS}
