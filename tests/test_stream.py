@@ -179,3 +179,16 @@ def test_order_with_a_bad_shard_does_not_depend_on_workers(tmp_path: Path) -> No
         runs = [batches(PackedStream(shards, SAMPLE_LEN, 2, seed=1, mix_shards=2), w, limit=20) for w in (0, 2, 3)]
     assert runs[0] == runs[1] == runs[2]
     assert not set(range(16, 24)) & {i for b in runs[0] for i in b}
+
+
+def test_remote_shards_get_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cgpt.data.stream as stream_mod
+
+    shards = make_shards(tmp_path, [4])
+    flaky = tmp_path / "flaky.sh"  # fails on its first call, then serves the shard
+    flaky.write_text(f"if [ -e {tmp_path}/once ]; then cat {shards[0].url}; else touch {tmp_path}/once; exit 1; fi\n")
+    monkeypatch.setattr(stream_mod, "RETRY_DELAY_S", 0.0)
+    piped = [Shard(f"pipe:sh {flaky}", 4, shards[0].crc32)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "skipping" warning: the second try worked
+        assert batches(PackedStream(piped, SAMPLE_LEN, 2, shuffle=False, infinite=False)) == [[0, 1], [2, 3]]

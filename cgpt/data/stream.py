@@ -39,6 +39,7 @@ same number of validation steps.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +50,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from cgpt.data.shards import ShardFormatError, read_shard
+
+REMOTE_ATTEMPTS = 3  # tries for a shard behind a URL or pipe before it counts as bad
+RETRY_DELAY_S = 1.0  # seconds before the second try (doubles, triples, ...)
 
 
 @dataclass(frozen=True)
@@ -292,12 +296,21 @@ class PackedStream(IterableDataset):
         return samples, unreadable, bad
 
     def _read_shard(self, s: int) -> np.ndarray | None:
+        """The shard's samples, or None (with a warning) when it cannot be read. Remote shards
+        (URLs, ``pipe:``) get ``REMOTE_ATTEMPTS`` tries, as network reads fail transiently."""
         shard = self.shards[s]
-        try:
-            arr = read_shard(shard.url, self.sample_len, shard.samples, shard.crc32)
-            if len(arr) != shard.samples:
-                raise ShardFormatError(f"{shard.url}: {len(arr)} samples, meta.json says {shard.samples}")
-            return arr
-        except (ShardFormatError, OSError, ValueError) as e:
-            warnings.warn(f"skipping unreadable shard: {e}", stacklevel=2)
-            return None
+        remote = "://" in shard.url or shard.url.startswith("pipe:")
+        attempts = REMOTE_ATTEMPTS if remote else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                arr = read_shard(shard.url, self.sample_len, shard.samples, shard.crc32)
+                if len(arr) != shard.samples:
+                    raise ShardFormatError(f"{shard.url}: {len(arr)} samples, meta.json says {shard.samples}")
+                return arr
+            except (ShardFormatError, OSError, ValueError) as e:
+                if attempt < attempts:
+                    time.sleep(RETRY_DELAY_S * attempt)
+                    continue
+                tries = f" after {attempts} tries" if attempts > 1 else ""
+                warnings.warn(f"skipping unreadable shard{tries}: {e}", stacklevel=2)
+        return None
