@@ -84,19 +84,26 @@ class StepTimer(L.Callback):
     def __init__(self, warmup: int, steps: int) -> None:
         self.warmup, self.steps = warmup, steps
         self.t0: float | None = None
-        self.seconds: float | None = None
+        self.seconds: tuple[float, float] | None = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if trainer.global_step == self.warmup:
-            self.t0 = synced_time(pl_module.device)
+            self.t0 = clock(pl_module.device)
         elif trainer.global_step == self.steps:
-            self.seconds = synced_time(pl_module.device) - self.t0
+            self.seconds = elapsed(self.t0, pl_module.device)
 
 
-def synced_time(device: torch.device) -> float:
+def clock(device: torch.device) -> tuple[float, float]:
+    """(wall, this process's CPU time) after the device finished its queued work. CPU time is the
+    steadier measure on a shared CPU: it does not count the time other processes hold the cores."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter()
+    return time.perf_counter(), time.process_time()
+
+
+def elapsed(start: tuple[float, float], device: torch.device) -> tuple[float, float]:
+    now = clock(device)
+    return now[0] - start[0], now[1] - start[1]
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -116,8 +123,8 @@ def peak_memory_mb(device: torch.device) -> float:
 def run_plain(
     module: CerebrasGPTModule, data: SyntheticBatches, args: argparse.Namespace, device: torch.device
 ) -> float:
-    """The minimal loop: same model, same AdamW recipe and schedule, autocast, clipping. Returns seconds
-    for steps ``warmup+1 .. steps``."""
+    """The minimal loop: same model, same AdamW recipe and schedule, autocast, clipping. Returns
+    (wall, CPU) seconds of steps ``warmup+1 .. steps``."""
     model = module.model
     model.train()
     lr, eps, warmup_lr, decay = module.resolved_recipe(args.steps)
@@ -126,7 +133,7 @@ def run_plain(
     dtype = precision_dtype(args.precision)
     autocast = args.precision.endswith("-mixed")
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 and autocast else None
-    t0 = None
+    t0 = start = clock(device)
     for step, batch in enumerate(loader(data, device), start=1):
         tokens = batch["tokens"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
@@ -144,10 +151,12 @@ def run_plain(
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if step == 1 and not hasattr(module, "first_step_seconds"):  # compilation happens here
+            module.first_step_seconds = elapsed(start, device)
         if step == args.warmup:
-            t0 = synced_time(device)
+            t0 = clock(device)
         if step == args.steps:
-            return synced_time(device) - t0
+            return elapsed(t0, device)
     raise AssertionError("unreachable: the synthetic stream is endless")
 
 
@@ -221,14 +230,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     flops_per_token = config.flops_per_token(args.seq_len)
     tokens = (args.steps - args.warmup) * args.micro_batch * args.seq_len
 
-    seconds: dict[str, list[float]] = {"plain": [], "cgpt": []}
+    loops = {"plain": (run_plain, module), "cgpt": (run_cgpt, module)}
+    if args.compare_eager:  # the plain loop on an uncompiled twin (same init): what compile buys
+        loops["eager"] = (run_plain, build_module(argparse.Namespace(**{**vars(args), "compile": False}), device))
+    seconds: dict[str, list[float]] = {name: [] for name in loops}
+    cpu_seconds: dict[str, list[float]] = {name: [] for name in loops}
     memory: dict[str, float] = {}
-    loops = {"plain": run_plain, "cgpt": run_cgpt}
     for rep in range(args.repeats):
-        order = ["plain", "cgpt"] if rep % 2 == 0 else ["cgpt", "plain"]  # cancel drift
+        order = list(loops) if rep % 2 == 0 else list(reversed(loops))  # cancel drift
         for name in order:
             reset_peak_memory(device)
-            seconds[name].append(loops[name](module, data, args, device))
+            fn, mod = loops[name]
+            wall, cpu = fn(mod, data, args, device)
+            seconds[name].append(wall)
+            cpu_seconds[name].append(cpu)
             memory[name] = max(memory.get(name, 0.0), peak_memory_mb(device))
             print(f"rep {rep} {name}: {tokens / seconds[name][-1]:,.0f} tok/s", file=sys.stderr, flush=True)
 
@@ -253,6 +268,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result[name] = {
             "tokens_per_sec": tokens / secs,
             "step_time_ms": 1000 * secs / (args.steps - args.warmup),
+            "cpu_time_per_step_ms": 1000 * statistics.median(cpu_seconds[name]) / (args.steps - args.warmup),
             "mfu": tokens / secs * flops_per_token / args.peak_flops,
             "peak_memory_mb": memory[name],
             "tokens_per_sec_reps": [tokens / s for s in seconds[name]],
@@ -260,6 +276,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ratios = [p / c for p, c in zip(seconds["plain"], seconds["cgpt"])]
     result["ratio_cgpt_over_plain"] = statistics.median(ratios)
     result["ratio_reps"] = ratios
+    if device.type == "cpu":  # the same ratio in process CPU time: robust to other load on the machine
+        cpu_ratios = [p / c for p, c in zip(cpu_seconds["plain"], cpu_seconds["cgpt"])]
+        result["ratio_cpu_time"] = statistics.median(cpu_ratios)
+        result["ratio_cpu_time_reps"] = cpu_ratios
+    if "eager" in loops:
+        result["compile_speedup"] = statistics.median(e / p for e, p in zip(seconds["eager"], seconds["plain"]))
+        result["compile_speedup_cpu_time"] = statistics.median(
+            e / p for e, p in zip(cpu_seconds["eager"], cpu_seconds["plain"])
+        )
+    for name in ("plain", "eager"):  # the very first step of the plain loop: compilation when on
+        if name in loops and hasattr(loops[name][1], "first_step_seconds"):
+            result[name]["first_step_s"], result[name]["first_step_cpu_s"] = loops[name][1].first_step_seconds
     logged = getattr(module, "throughput_logged", None)
     result["cgpt"]["mfu_logged_by_callback"] = float(logged) if logged is not None else None
     return result
@@ -281,13 +309,25 @@ def report(result: dict[str, Any]) -> str:
         f"{result['timed_steps']} timed steps x {result['repeats']} reps, peak {result['peak_flops'] / 1e12:.2f} "
         f"TFLOP/s ({result['peak_source']})",
     ]
-    for name in ("plain", "cgpt"):
+    for name in ("plain", "cgpt", "eager"):
+        if name not in result:
+            continue
         r = result[name]
         lines.append(
             f"  {name:5s}: {r['tokens_per_sec']:>12,.0f} tok/s  {r['step_time_ms']:9.2f} ms/step  "
             f"MFU {100 * r['mfu']:6.2f}%  peak mem {r['peak_memory_mb']:,.0f} MiB"
         )
-    lines.append(f"  cgpt / plain throughput: {result['ratio_cgpt_over_plain']:.3f} (median of {result['ratio_reps']})")
+    if "compile_speedup" in result:
+        lines.append(
+            f"  compiled / eager plain loop: {result['compile_speedup']:.3f} (CPU time "
+            f"{result.get('compile_speedup_cpu_time', float('nan')):.3f}); first step compiled "
+            f"{result['plain']['first_step_s']:.1f} s, eager {result['eager']['first_step_s']:.1f} s"
+        )
+    reps = ", ".join(f"{r:.3f}" for r in result["ratio_reps"])
+    lines.append(f"  cgpt / plain throughput: {result['ratio_cgpt_over_plain']:.3f} (median of {reps})")
+    if "ratio_cpu_time" in result:
+        reps = ", ".join(f"{r:.3f}" for r in result["ratio_cpu_time_reps"])
+        lines.append(f"  same in process CPU time: {result['ratio_cpu_time']:.3f} (median of {reps})")
     return "\n".join(lines)
 
 
@@ -304,6 +344,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="steps per loop and repetition, warmup included")
     p.add_argument("--warmup", type=int, default=5, help="untimed first steps (compilation happens here)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of both loops")
+    p.add_argument("--compare-eager", action="store_true", help="also time the plain loop uncompiled (with --compile)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm")
     p.add_argument("--log-every", type=int, default=10, help="Lightning log_every_n_steps")
     p.add_argument("--logger", choices=("csv", "none"), default="csv", help="cgpt path logger")

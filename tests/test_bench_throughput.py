@@ -30,7 +30,7 @@ def load_bench():
 
 def test_cpu_benchmark_reports_sane_figures_without_hydra_or_webdataset(tmp_path):
     out = tmp_path / "result.json"
-    argv = [str(SCRIPT), *TINY, "--steps", "6", "--warmup", "2", "--repeats", "1", "--log-every", "2"]
+    argv = [str(SCRIPT), *TINY, "--steps", "5", "--warmup", "1", "--repeats", "1", "--log-every", "2"]
     argv += ["--device", "cpu", "--compile", "false", "--json", str(out)]
     code = (
         "import runpy, sys\n"
@@ -50,6 +50,7 @@ def test_cpu_benchmark_reports_sane_figures_without_hydra_or_webdataset(tmp_path
         assert 0 < r["mfu"] < 1
         assert math.isclose(r["tokens_per_sec"] * r["step_time_ms"] / 1000, 2 * 32, rel_tol=1e-6)
     assert 0 < result["ratio_cgpt_over_plain"] < 10 and len(result["ratio_reps"]) == 1
+    assert 0 < result["ratio_cpu_time"] < 10 and len(result["ratio_cpu_time_reps"]) == 1
     assert 0 < result["cgpt"]["mfu_logged_by_callback"] < 1
 
 
