@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,14 +262,12 @@ class PackedStream(IterableDataset):
                     break
                 continue
             idx = self._indices(epoch, unit, split)
-            samples, unreadable, bad = self._read_unit(unit)
+            take, bad = self._read_unit(unit)
             reads[0] += len(unit)
             reads[1] += len(bad)
             for j in wanted:
                 a, b = max(j * B, lo), min((j + 1) * B, hi)
-                rows = idx[a - lo : b - lo]
-                broken = unreadable is not None and unreadable[rows].any()
-                parts.setdefault(j, []).append(None if broken else samples[rows])
+                parts.setdefault(j, []).append(take(idx[a - lo : b - lo]))
                 filled[j] = filled.get(j, 0) + b - a
                 if filled[j] == B:
                     pieces = parts.pop(j)
@@ -280,20 +278,27 @@ class PackedStream(IterableDataset):
             if bad:
                 yield -1, None, bad  # bad shards none of whose batches completed here
 
-    def _read_unit(self, unit: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
-        """The unit's samples concatenated, a mask of unreadable ones (None: all fine), bad shards."""
-        arrays, bad = [], []
-        for s in unit:
-            arr = self._read_shard(s)
-            if arr is None:
-                bad.append(s)
-                arr = np.zeros((self.shards[s].samples, self.sample_len), dtype=np.uint16)
-            arrays.append(arr)
-        samples = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-        if not bad:
-            return samples, None, bad
-        unreadable = np.concatenate([np.full(len(a), s in bad) for a, s in zip(arrays, unit, strict=True)])
-        return samples, unreadable, bad
+    def _read_unit(self, unit: tuple[int, ...]) -> tuple[Callable[[np.ndarray], np.ndarray | None], list[int]]:
+        """Read a unit's shards; return ``take(rows)`` (the samples at those positions of the
+        shards' concatenation, None if one is unreadable) and the unreadable shards. The shards
+        are not concatenated: a worker holds each once."""
+        arrays = [self._read_shard(s) for s in unit]
+        bad = [s for s, arr in zip(unit, arrays, strict=True) if arr is None]
+        if len(arrays) == 1:
+            return (lambda rows: None if arrays[0] is None else arrays[0][rows]), bad
+        offsets = np.cumsum([0] + [self.shards[s].samples for s in unit])
+
+        def take(rows: np.ndarray) -> np.ndarray | None:
+            which = np.searchsorted(offsets, rows, side="right") - 1
+            out = np.empty((len(rows), self.sample_len), dtype=np.uint16)
+            for k in np.unique(which).tolist():
+                if arrays[k] is None:
+                    return None
+                here = which == k
+                out[here] = arrays[k][rows[here] - offsets[k]]
+            return out
+
+        return take, bad
 
     def _read_shard(self, s: int) -> np.ndarray | None:
         """The shard's samples, or None (with a warning) when it cannot be read. Remote shards
