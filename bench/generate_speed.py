@@ -2,7 +2,7 @@
 
 All three run greedy decoding of the same random-weight model (exported once with cgpt.hf.to_hf,
 loaded into ``GPT2LMHeadModel``) and must produce the same tokens. Prints tokens/s (new tokens
-over the whole ``generate`` call, prefill included; median of ``--repeats`` runs after a warmup).
+over the whole ``generate`` call, prefill included; median of ``--repeats`` interleaved runs after a warmup).
 
     python bench/generate_speed.py                       # 111M shape, batch 1, 32-token prompt, 64 new
     python bench/generate_speed.py --preset tiny --new-tokens 128
@@ -14,6 +14,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -23,14 +24,19 @@ from cgpt.hf import to_hf
 from cgpt.model import GPT
 
 
-def _time(fn, repeats: int) -> tuple[float, torch.Tensor]:
-    out = fn()  # warmup
-    times = []
+def _time_interleaved(
+    fns: dict[str, Callable[[], torch.Tensor]], repeats: int
+) -> dict[str, tuple[float, torch.Tensor]]:
+    """Median wall time of each function; rounds interleave the functions so that load changes on
+    a shared machine hit all of them alike. One warmup call each first."""
+    outs = {name: fn() for name, fn in fns.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(times[name]), outs[name]) for name in fns}
 
 
 def main() -> None:
@@ -61,19 +67,6 @@ def main() -> None:
         flush=True,
     )
 
-    results = {}
-
-    def report(name: str, t: float) -> None:
-        results[name] = t
-        print(f"{name:24s} {n / t:9.1f} tokens/s  ({t * 1000:.0f} ms per call)", flush=True)
-
-    t, ref = _time(lambda: generate(model, idx, args.new_tokens, temperature=0), args.repeats)
-    report("cgpt (KV cache)", t)
-    if not args.skip_uncached:
-        t, out = _time(lambda: generate(model, idx, args.new_tokens, temperature=0, use_cache=False), args.repeats)
-        report("cgpt (no cache)", t)
-        assert torch.equal(out, ref), "cached and uncached greedy decoding differ"
-
     def hf_generate() -> torch.Tensor:
         with torch.no_grad():
             return hf.generate(
@@ -85,11 +78,22 @@ def main() -> None:
                 pad_token_id=0,
             )
 
-    t, out = _time(hf_generate, args.repeats)
-    report("transformers generate", t)
+    fns: dict[str, Callable[[], torch.Tensor]] = {
+        "cgpt (KV cache)": lambda: generate(model, idx, args.new_tokens, temperature=0),
+        "transformers generate": hf_generate,
+    }
+    if not args.skip_uncached:
+        fns["cgpt (no cache)"] = lambda: generate(model, idx, args.new_tokens, temperature=0, use_cache=False)
+    results = _time_interleaved(fns, args.repeats)
+    for name, (t, _) in results.items():
+        print(f"{name:24s} {n / t:9.1f} tokens/s  ({t * 1000:.0f} ms per call)", flush=True)
+    ref = results["cgpt (KV cache)"][1]
+    if not args.skip_uncached:
+        assert torch.equal(results["cgpt (no cache)"][1], ref), "cached and uncached greedy decoding differ"
+    out = results["transformers generate"][1]
     same = torch.equal(out, ref)
     print(f"greedy outputs identical to transformers: {same}")
-    speedup = results["transformers generate"] / results["cgpt (KV cache)"]
+    speedup = results["transformers generate"][0] / results["cgpt (KV cache)"][0]
     print(f"cgpt cache / transformers speed ratio: {speedup:.2f}x")
 
 
