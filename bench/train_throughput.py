@@ -9,7 +9,7 @@ is the framework's overhead.
 
 - ``cgpt``: :class:`cgpt.lit_module.CerebrasGPTModule` under a ``lightning.Trainer`` configured as
   ``conf/trainer/default.yaml`` (gradient clipping, logging every 10 steps, the CSV logger and the
-  ThroughputMonitor and ProgressPrinter callbacks; no checkpointing, no validation).
+  ThroughputMonitor, ProgressPrinter and RunSummary callbacks; no checkpointing, no validation).
 - ``plain``: ``for batch in loader: autocast; loss; backward; clip; step; schedule; zero_grad``.
 
 Needs only torch and lightning. Examples::
@@ -44,7 +44,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 
-from cgpt.callbacks import ProgressPrinter, ThroughputMonitor  # noqa: E402
+from cgpt.callbacks import ProgressPrinter, RunSummary, ThroughputMonitor  # noqa: E402
 from cgpt.config import ModelConfig  # noqa: E402
 from cgpt.hardware import (  # noqa: E402
     gpu_table_peak,
@@ -181,11 +181,17 @@ def run_cgpt(
             enable_model_summary=False,
             enable_checkpointing=False,
             logger=logger,
-            callbacks=[ThroughputMonitor(args.log_every, args.peak_flops), ProgressPrinter(50), timer],
+            callbacks=[
+                ThroughputMonitor(args.log_every, args.peak_flops),
+                ProgressPrinter(50),
+                RunSummary(str(Path(tmp) / "summary.json")),  # train/run.py adds it; write() is not called here
+                timer,
+            ],
             default_root_dir=tmp,
         )
         trainer.fit(module, train_dataloaders=loader(data, device))
         module.throughput_logged = trainer.callback_metrics.get("mfu")
+        module._trainer = None  # let the trainer (and its AdamW state) go before the next loop runs
         del trainer
     return timer.seconds
 
