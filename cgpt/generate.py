@@ -70,7 +70,6 @@ def _check_args(
         )
 
 
-@torch.no_grad()
 def generate(
     model: GPT,
     idx: torch.Tensor,
@@ -90,6 +89,8 @@ def generate(
     positions start at each prompt's first real token, so every row decodes exactly as it would
     alone. Rows that emit ``eos_id`` keep emitting it; decoding stops early when all rows have.
     ``use_cache=False`` recomputes the whole prefix each step (for checking).
+    Decoding runs under ``torch.inference_mode`` (less per-op bookkeeping than ``no_grad``); the
+    returned ids are an ordinary tensor, usable as input to a later training step.
     """
     _check_args(model, idx, max_new_tokens, temperature, top_k, top_p)
     B, T = idx.shape
@@ -119,28 +120,30 @@ def generate(
 
     was_training = model.training
     model.eval()
-    out = torch.empty(B, total, dtype=idx.dtype, device=device)
-    out[:, :T] = idx
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    t_now = T
-    try:
-        if use_cache:
-            model.setup_kv_cache(B, total, dtype=next(model.parameters()).dtype)
-        start = 0
-        for _ in range(max_new_tokens):
-            mask, positions = mask_and_positions(start, t_now)
-            logits = model(out[:, start:t_now], start=start, attn_mask=mask, position_ids=positions, last_only=True)
-            nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done |= nxt == eos_id
-            out[:, t_now] = nxt
-            t_now += 1
-            if eos_id is not None and bool(done.all()):
-                break
+    # inference_mode: less per-op bookkeeping than no_grad; the ids are cloned out of it at the end.
+    with torch.inference_mode():
+        out = torch.empty(B, total, dtype=idx.dtype, device=device)
+        out[:, :T] = idx
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        t_now = T
+        try:
             if use_cache:
-                start = t_now - 1
-    finally:
-        model.clear_kv_cache()
-        model.train(was_training)
-    return out[:, :t_now]
+                model.setup_kv_cache(B, total, dtype=next(model.parameters()).dtype)
+            start = 0
+            for _ in range(max_new_tokens):
+                mask, positions = mask_and_positions(start, t_now)
+                logits = model(out[:, start:t_now], start=start, attn_mask=mask, position_ids=positions, last_only=True)
+                nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+                if eos_id is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                    done |= nxt == eos_id
+                out[:, t_now] = nxt
+                t_now += 1
+                if eos_id is not None and bool(done.all()):
+                    break
+                if use_cache:
+                    start = t_now - 1
+        finally:
+            model.clear_kv_cache()
+            model.train(was_training)
+    return out[:, :t_now].clone()  # a normal tensor: usable in a later training step

@@ -114,6 +114,15 @@ def test_sampling_is_reproducible_and_cache_independent() -> None:
     assert not torch.equal(a, run(True, 1))
 
 
+def test_output_trains_and_training_mode_is_restored() -> None:
+    """Decoding runs under inference_mode, yet the returned ids feed a training step."""
+    model = _model(seed=8).train()
+    out = generate(model, torch.zeros(2, 3, dtype=torch.long), 4, temperature=0)
+    assert model.training and model.kv_caches is None and not out.is_inference()
+    model.loss(out[:, :-1], out[:, 1:]).backward()
+    assert model.transformer.wte.weight.grad is not None
+
+
 def test_top_k_keeps_the_k_largest() -> None:
     logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
     kept = torch.isfinite(filter_logits(logits, top_k=2))
