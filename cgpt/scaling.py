@@ -511,6 +511,10 @@ def plot_fit(
         )
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))  # loss spans less than a decade:
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))  # label the minor ticks too
     ax.set_xlabel("training compute C (FLOPs)")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(title)

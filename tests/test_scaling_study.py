@@ -1,0 +1,60 @@
+"""train/scaling_study.py: a 2-rung ladder end to end (train, collect, fit with L_inf held, plot)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from conftest import REPO_ROOT, run_script
+
+sys.path.insert(0, str(REPO_ROOT / "train"))
+import scaling_study  # noqa: E402
+
+
+def test_ladder_parsing_and_budget():
+    assert scaling_study.parse_ladder("1:16:1, 2:32:2") == [(1, 16, 1), (2, 32, 2)]
+    with pytest.raises(SystemExit, match="divisible"):
+        scaling_study.parse_ladder("1:30:4")
+    cfg = scaling_study.rung_config(2, 32, 2, 128)
+    b = scaling_study.rung_budget(cfg, 20, "non_embedding", 16, 128)
+    non_emb = cfg.num_params() - (cfg.vocab_size + 128) * 32
+    assert b["params_counted"] == non_emb and b["tokens"] == 20 * non_emb
+    assert b["steps"] == -(-b["tokens"] // (16 * 128)) and 1 <= b["warmup"] < b["steps"]
+    assert scaling_study.rung_budget(cfg, 20, "total", 16, 128)["params_counted"] == cfg.num_params()
+
+
+def test_published_mode_writes_fit(tmp_path):
+    res = scaling_study.main(["--published", "--out", str(tmp_path)])
+    assert res["fit"]["alpha"] == pytest.approx(0.0737, rel=0.02)
+    assert (tmp_path / "scaling_fit.png").stat().st_size > 1000
+    assert (tmp_path / "scaling_table.md").read_text().count("cerebras-gpt-") == 7
+
+
+@pytest.mark.slow
+def test_two_rung_study_end_to_end(tmp_path, tiny_data_dir, capsys):
+    out = tmp_path / "study"
+    proc = run_script(
+        ["train/scaling_study.py", "--out", str(out), "--data", str(tiny_data_dir), "--ladder", "1:16:1,1:32:2",
+         "--tokens-per-param", "0.5", "--batch-size", "8", "--val-batches", "2"],
+        timeout=170,
+    )  # fmt: skip
+    assert "holding it at 0" in proc.stdout
+    res = json.loads((out / "scaling_fit.json").read_text())
+    runs = {r["run"]: r for r in res["runs"]}
+    assert set(runs) == {"L1-d16", "L1-d32"}
+    for name, r in runs.items():
+        summary = json.loads((out / "runs" / name / "summary.json").read_text())
+        assert summary["tokens_seen"] == r["tokens"] > 0 and summary["val_loss"] == r["val_loss"]
+    assert runs["L1-d32"]["compute"] > runs["L1-d16"]["compute"]
+    fit = res["fit"]
+    assert fit["l_inf_fixed"] and fit["l_inf"] == 0 and fit["n_points"] == 2
+    assert fit["max_rel_error"] < 1e-6  # two points, two free parameters: exact
+    assert (out / "scaling_fit.png").read_bytes()[:4] == b"\x89PNG"
+    # Re-running skips the finished rungs and refits (in-process: nothing is trained).
+    again = scaling_study.main(
+        ["--out", str(out), "--data", str(tiny_data_dir), "--ladder", "1:16:1,1:32:2", "--tokens-per-param", "0.5",
+         "--batch-size", "8", "--val-batches", "2"]
+    )  # fmt: skip
+    assert capsys.readouterr().out.count("done already") == 2
+    assert again["fit"] == fit
