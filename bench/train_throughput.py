@@ -78,6 +78,37 @@ def loader(data: SyntheticBatches, device: torch.device) -> DataLoader:
     return DataLoader(data, batch_size=None, num_workers=0, pin_memory=device.type == "cuda")
 
 
+class Batches:
+    """Where both loops get their batches: synthetic in-memory ones, or (``--data``) a fresh
+    :class:`cgpt.data.datamodule.PackedDataModule` over prepared shards per loop run, so that both
+    loops read the same batches and the real loader's cost is in the figures."""
+
+    def __init__(self, args: argparse.Namespace, vocab_size: int, device: torch.device) -> None:
+        self.args, self.device = args, device
+        self.synthetic = None
+        if not args.data:
+            self.synthetic = SyntheticBatches(vocab_size, args.micro_batch, args.seq_len, seed=args.seed)
+
+    def plain_loader(self) -> DataLoader:
+        if self.synthetic is not None:
+            return loader(self.synthetic, self.device)
+        return packed_datamodule(self.args).train_dataloader()
+
+    def fit_kwargs(self) -> dict[str, Any]:
+        if self.synthetic is not None:
+            return {"train_dataloaders": loader(self.synthetic, self.device)}
+        return {"datamodule": packed_datamodule(self.args)}
+
+
+def packed_datamodule(args: argparse.Namespace) -> Any:
+    """The real datamodule (it imports webdataset, so only when ``--data`` is given)."""
+    try:
+        from cgpt.data.datamodule import PackedDataModule
+    except ImportError as e:
+        raise SystemExit(f"--data needs the data stack ({e}); install webdataset or drop --data") from e
+    return PackedDataModule(args.data, micro_batch_size=args.micro_batch, num_workers=args.num_workers, seed=args.seed)
+
+
 class StepTimer(L.Callback):
     """Wall time from the end of step ``warmup`` to the end of step ``steps`` (synchronised at both ends only)."""
 
@@ -121,8 +152,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def run_plain(
-    module: CerebrasGPTModule, data: SyntheticBatches, args: argparse.Namespace, device: torch.device
-) -> float:
+    module: CerebrasGPTModule, data: Batches, args: argparse.Namespace, device: torch.device
+) -> tuple[float, float]:
     """The minimal loop: same model, same AdamW recipe and schedule, autocast, clipping. Returns
     (wall, CPU) seconds of steps ``warmup+1 .. steps``."""
     model = module.model
@@ -134,7 +165,7 @@ def run_plain(
     autocast = args.precision.endswith("-mixed")
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 and autocast else None
     t0 = start = clock(device)
-    for step, batch in enumerate(loader(data, device), start=1):
+    for step, batch in enumerate(data.plain_loader(), start=1):
         tokens = batch["tokens"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
             loss = model.loss(tokens[:, :-1], tokens[:, 1:])
@@ -161,8 +192,8 @@ def run_plain(
 
 
 def run_cgpt(
-    module: CerebrasGPTModule, data: SyntheticBatches, args: argparse.Namespace, device: torch.device
-) -> float:
+    module: CerebrasGPTModule, data: Batches, args: argparse.Namespace, device: torch.device
+) -> tuple[float, float]:
     """cgpt's training path: the LightningModule under a Trainer set up like train/run.py."""
     timer = StepTimer(args.warmup, args.steps)
     with tempfile.TemporaryDirectory(prefix="cgpt-bench-") as tmp:
@@ -189,7 +220,7 @@ def run_cgpt(
             ],
             default_root_dir=tmp,
         )
-        trainer.fit(module, train_dataloaders=loader(data, device))
+        trainer.fit(module, **data.fit_kwargs())
         module.throughput_logged = trainer.callback_metrics.get("mfu")
         module._trainer = None  # let the trainer (and its AdamW state) go before the next loop runs
         del trainer
@@ -227,9 +258,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    if args.data:  # the prepared shards fix the sequence length
+        dm = packed_datamodule(args)
+        args.seq_len = dm.seq_len
     module = build_module(args, device)
+    if args.data:
+        dm.validate(args.seq_len, module.model_config.vocab_size)
     config = module.model_config
-    data = SyntheticBatches(config.vocab_size, args.micro_batch, args.seq_len, seed=args.seed)
+    data = Batches(args, config.vocab_size, device)
     dtype = precision_dtype(args.precision)
     if args.peak_flops is None:
         args.peak_flops = peak_flops(device, dtype)
@@ -261,6 +297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "precision": args.precision,
         "compile": args.compile,
         "seq_len": args.seq_len,
+        "data": args.data or "synthetic",
         "micro_batch": args.micro_batch,
         "timed_steps": args.steps - args.warmup,
         "repeats": args.repeats,
@@ -342,7 +379,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="cerebras-gpt-demo", help="preset name, or 'custom' with the shape flags")
     for key in SHAPE_KEYS:
         p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=int, default=None, help=f"override {key}")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (with --data: the shards')")
+    p.add_argument("--data", default=None, help="prepared data folder: read it with the real datamodule")
+    p.add_argument("--num-workers", type=int, default=0, help="dataloader workers with --data")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per step")
     p.add_argument("--precision", default="auto", help="auto | bf16-mixed | 16-mixed | 32-true")
     p.add_argument("--compile", default="auto", help="auto (on for CUDA, off on CPU) | true | false")

@@ -103,3 +103,11 @@ def test_training_logs_mfu_against_the_given_peak_and_the_training_seq_len():
     assert math.isclose(float(m["mfu"]), monitor.tokens_per_sec * flops / 1e12, rel_tol=1e-9)
     assert float(m["tokens_seen"]) == 5 * 64  # the last step is logged although 5 % 2 != 0
     assert {"train/loss", "train/ppl", "grad_norm", "lr"} <= set(m)
+
+
+def test_benchmark_reads_prepared_shards_with_the_real_datamodule(tiny_data_dir):
+    bench = load_bench()
+    argv = ["--model", "cerebras-gpt-tiny", "--micro-batch", "2", "--data", str(tiny_data_dir), "--device", "cpu"]
+    result = bench.run(bench.parse_args([*argv, "--steps", "4", "--warmup", "1", "--repeats", "1", "--logger", "none"]))
+    assert result["data"] == str(tiny_data_dir) and result["seq_len"] == 64  # the shards' length, not --seq-len
+    assert result["plain"]["tokens_per_sec"] > 0 and result["cgpt"]["tokens_per_sec"] > 0
