@@ -307,6 +307,14 @@ def to_hf(
             f"{GPT2_VOCAB_SIZE} tokens; pass save_tokenizer=False"
         )
     state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    with torch.device("meta"):
+        expected = set(GPT(config).state_dict())
+    extra = sorted(set(state) - expected)
+    if extra:
+        raise HFConversionError(
+            f"the model has parameters a GPT-2 checkpoint cannot hold ({extra[:4]}); merge LoRA adapters "
+            "first (cgpt.lora.merge_lora) or export the plain GPT"
+        )
     state.pop("lm_head.weight", None)  # tied to wte
     if config.mup:
         _fold_mup(state, config)

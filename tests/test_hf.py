@@ -255,3 +255,14 @@ def test_bf16_mup_export_reloads(tmp_path: Path) -> None:
     idx = torch.randint(0, 101, (1, 16))
     with torch.no_grad():
         assert (back(idx) - model(idx)).abs().max().item() < 0.1
+
+
+def test_export_refuses_unmerged_lora(tmp_path: Path) -> None:
+    from cgpt.lora import LoRAConfig, apply_lora, merge_lora
+
+    model = _perturbed(ModelConfig(**SHAPES[0]))
+    apply_lora(model, LoRAConfig())
+    with pytest.raises(HFConversionError, match="merge LoRA adapters"):
+        to_hf(model, tmp_path / "lora")
+    to_hf(merge_lora(model), tmp_path / "merged")
+    assert from_hf(tmp_path / "merged").config.d_model == SHAPES[0]["d_model"]
