@@ -61,6 +61,8 @@ def slurm_config(cfg: DictConfig, train: list[str]) -> tuple[SlurmConfig, list[s
         elif f"trainer.{trainer_key}" not in given:
             cfg.trainer[trainer_key] = values[slurm_key]
             extra.append(f"trainer.{trainer_key}={values[slurm_key]}")
+    if "paths.output_dir" in given and "hydra.run.dir" not in given:  # keep Hydra's record with the run
+        extra.append(f"hydra.run.dir={cfg.paths.output_dir}")
     if values["accelerator"] is None:
         values["accelerator"] = "cpu" if cfg.trainer.accelerator == "cpu" else "gpu"
     if values["python"] is None:
