@@ -4,8 +4,8 @@ Measures tokens/s, step time, peak memory and MFU (model FLOPs/s over the device
 of GPU peaks by name, a measured large matmul on CPUs) for any preset or shape, precision, compile
 setting, sequence length and micro-batch. Both loops train the *same* ``GPT`` instance (compiled
 once when compile is on) with the same AdamW, schedule, autocast and clipping on the same synthetic
-in-memory batches, in interleaved repetitions; the reported ratio (median of per-repetition ratios)
-is the framework's overhead.
+in-memory batches (or, with ``--data``, prepared shards read by the real datamodule), in interleaved
+repetitions; the reported ratio (median of per-repetition ratios) is the framework's overhead.
 
 - ``cgpt``: :class:`cgpt.lit_module.CerebrasGPTModule` under a ``lightning.Trainer`` configured as
   ``conf/trainer/default.yaml`` (gradient clipping, logging every 10 steps, the CSV logger and the
