@@ -25,6 +25,7 @@ from cgpt.evaluate import (
 )
 from cgpt.model import GPT
 
+ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
 MC_TASK = DATA / "tiny_multiple_choice.jsonl"
 LAMBADA_TASK = DATA / "tiny_lambada.jsonl"
@@ -260,20 +261,26 @@ def test_load_model_from_checkpoint(model, tmp_path):
         load_model(tmp_path / "missing.ckpt")
 
 
-def test_evaluate_cli(model, tmp_path, small_val_dir):
-    from conftest import run_script
+def test_evaluate_cli(model, tmp_path, small_val_dir, capsys):
+    import importlib.util
+
+    # loaded by path: "evaluate" is also the name of a Hugging Face package that lm-eval imports
+    spec = importlib.util.spec_from_file_location("cgpt_train_evaluate", ROOT / "train" / "evaluate.py")
+    evaluate_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate_cli)
 
     run_dir = tmp_path / "run" / "checkpoints"
     run_dir.mkdir(parents=True)
     _save_ckpt(model, run_dir / "last.ckpt")
     out = tmp_path / "eval.json"
-    proc = run_script(
-        ["train/evaluate.py", "--model", str(tmp_path / "run"), "--data", str(small_val_dir), "--max-batches", "2",
-         "--tasks", str(MC_TASK), str(LAMBADA_TASK), "--limit", "3", "--batch-size", "4", "--out", str(out)],
-        timeout=120,
+    evaluate_cli.main(
+        ["--model", str(tmp_path / "run"), "--data", str(small_val_dir), "--max-batches", "2", "--tasks",
+         str(MC_TASK), str(LAMBADA_TASK), "--limit", "3", "--batch-size", "4", "--out", str(out), "--device", "cpu"]
     )  # fmt: skip
     res = json.loads(out.read_text())
     assert res["validation"]["batches"] == 2 and res["validation"]["loss"] > 0
     assert set(res["tasks"]) == {"tiny_multiple_choice", "tiny_lambada"}
     assert res["tasks"]["tiny_lambada"]["examples"] == 3 and "ppl" in res["tasks"]["tiny_lambada"]
-    assert "tiny_multiple_choice (multiple_choice, 3 examples)" in proc.stdout
+    assert "tiny_multiple_choice (multiple_choice, 3 examples)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="cannot load --model"):
+        evaluate_cli.main(["--model", str(tmp_path / "nope.ckpt"), "--tasks", str(MC_TASK)])
