@@ -182,6 +182,7 @@ class RunSummary(L.Callback):
         self._start = time.time()
         self._step0 = 0
         self.last_val_step: int | None = None
+        self.last_train_loss: Any = None  # kept here: a later trainer.validate() resets callback_metrics
         self.summary: dict[str, Any] = {}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -194,6 +195,9 @@ class RunSummary(L.Callback):
         if not trainer.sanity_checking:
             self.last_val_step = trainer.global_step
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.last_train_loss = trainer.callback_metrics.get("train/loss")
+
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule, **extra: Any) -> dict[str, Any]:
         m = trainer.callback_metrics
         wall = time.time() - self._start
@@ -201,7 +205,7 @@ class RunSummary(L.Callback):
         throughput = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
         measured = throughput.tokens_per_sec if throughput is not None else None
         self.summary = {
-            "train_loss": _scalar(m.get("train/loss")),
+            "train_loss": _scalar(m.get("train/loss", self.last_train_loss)),
             "val_loss": _scalar(m.get("val/loss")),
             "val_ppl": _scalar(m.get("val/ppl")),
             "steps": trainer.global_step,
