@@ -240,6 +240,11 @@ def test_convert_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture) -
         assert (module.model.eval()(idx) - expected).abs().max().item() < 1e-5
     out = tmp_path / "again"
     assert cli.main(["to-hf", str(ckpt), str(out)]) == 0
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(ckpt.read_bytes())
+    assert cli.main(["to-hf", str(run), str(tmp_path / "from-run")]) == 0  # a run folder: its last.ckpt
+    assert (tmp_path / "from-run" / "model.safetensors").is_file()
     hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     with torch.no_grad():
         assert (hf(idx).logits - expected).abs().max().item() < 1e-4

@@ -1,6 +1,7 @@
 """Convert between cgpt checkpoints and Hugging Face GPT-2 folders.
 
-    # a cgpt training checkpoint (.ckpt) -> a folder GPT2LMHeadModel.from_pretrained() loads offline
+    # a cgpt training checkpoint -> a folder GPT2LMHeadModel.from_pretrained() loads offline
+    # (a .ckpt file, an FSDP / DeepSpeed checkpoint folder, or a run folder: its last.ckpt)
     python train/convert.py to-hf outputs/run/checkpoints/last.ckpt exports/my-model
 
     # a Hugging Face folder (e.g. a downloaded cerebras/Cerebras-GPT-111M) -> a cgpt checkpoint file
@@ -27,6 +28,35 @@ from cgpt.hf import from_hf, to_hf  # noqa: E402
 from cgpt.model import GPT  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_any_checkpoint(source: str | os.PathLike) -> GPT:
+    """The GPT of any cgpt checkpoint: a ``.ckpt`` file, an FSDP / DeepSpeed checkpoint folder
+    (consolidated in memory), or a run folder (its resume checkpoint)."""
+    path = Path(source)
+    if path.is_dir() and not (path / ".metadata").exists() and not (path / "latest").exists():
+        from cgpt.checkpoint import resume_checkpoint
+
+        found = resume_checkpoint(path / "checkpoints") or resume_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(
+                f"{path}: no checkpoint found (looked for checkpoints/last.ckpt and last.ckpt); pass a .ckpt file"
+            )
+        path = found
+    if path.is_file():
+        return load_gpt(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: pass a cgpt .ckpt file, a checkpoint folder or a run folder")
+    from cgpt.checkpoint import model_state_dict
+    from cgpt.config import ModelConfig
+    from cgpt.strategies import consolidate_checkpoint
+
+    ckpt = consolidate_checkpoint(path)
+    model = GPT(ModelConfig.from_dict(dict(ckpt["hyper_parameters"]["model"])))
+    state = model_state_dict(ckpt)
+    state.setdefault("lm_head.weight", state["transformer.wte.weight"])
+    model.load_state_dict(state)
+    return model
 
 
 def save_cgpt_checkpoint(model: GPT, path: str | os.PathLike) -> Path:
@@ -60,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     to = sub.add_parser("to-hf", help="cgpt checkpoint (.ckpt) -> Hugging Face folder")
-    to.add_argument("checkpoint", help="cgpt training checkpoint, e.g. outputs/<run>/checkpoints/last.ckpt")
+    to.add_argument(
+        "checkpoint", help="cgpt checkpoint: a .ckpt file, an FSDP/DeepSpeed checkpoint folder, or a run folder"
+    )
     to.add_argument("out_dir", help="folder to write config.json, model.safetensors and tokenizer files to")
     to.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")
     to.add_argument("--no-tokenizer", action="store_true", help="do not write the GPT-2 tokenizer files")
@@ -71,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "to-hf":
-            model = load_gpt(args.checkpoint)
+            model = load_any_checkpoint(args.checkpoint)
             out = to_hf(
                 model, args.out_dir, save_tokenizer=False if args.no_tokenizer else None, dtype=DTYPES[args.dtype]
             )
