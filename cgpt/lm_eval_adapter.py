@@ -2,7 +2,7 @@
 
 The paper's downstream numbers come from lm-evaluation-harness. With ``pip install lm-eval``:
 
-    python -m cgpt.lm_eval_adapter --model cgpt --model_args pretrained=outputs/demo,batch_size=16 \\
+    python -m cgpt.lm_eval_adapter --model cgpt --model_args pretrained=outputs/demo --batch_size 16 \\
         --tasks hellaswag,piqa,winogrande,lambada_openai,arc_easy,arc_challenge,openbookqa
 
 ``python -m cgpt.lm_eval_adapter`` is lm-eval's own command line with ``cgpt`` registered (plain
@@ -123,7 +123,10 @@ class CgptLM(_LMBase):
 
 
 if _register_model is not None:
-    _register_model("cgpt")(CgptLM)
+    from lm_eval.api.registry import MODEL_REGISTRY
+
+    if "cgpt" not in MODEL_REGISTRY:  # `python -m` runs this file as __main__ besides any import of it
+        _register_model("cgpt")(CgptLM)
 
 
 def main() -> None:
