@@ -265,6 +265,19 @@ class FSDP2Strategy(ModelParallelStrategy):
             path = Path(filepath)
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Also accept a single file without optimizer state (a consolidated DeepSpeed checkpoint):
+        load the weights into the shards; the Adam moments start fresh."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if path.is_file():
+            ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            if "optimizer_states" not in ckpt:
+                from lightning.fabric.strategies.model_parallel import _load_raw_module_state
+
+                _load_raw_module_state(ckpt.pop("state_dict"), self.model, strict=self.lightning_module.strict_loading)
+                return ckpt
+        return super().load_checkpoint(checkpoint_path, weights_only)
+
 
 def shard_gpt(model: nn.Module, mesh: Any, reshard_after_forward: bool = True, mp_policy: Any = None) -> nn.Module:
     """Apply FSDP2 ``fully_shard`` to every :class:`Block`, then to ``model`` (embeddings, ln_f, tied head)."""
