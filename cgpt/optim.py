@@ -60,7 +60,7 @@ def param_groups(model: nn.Module, weight_decay: float, width_mult: float = 1.0)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = p.ndim >= 2
+        decay = len(getattr(p, "ds_shape", p.shape)) >= 2  # DeepSpeed ZeRO-3 keeps the full shape in ds_shape
         scale = 1.0 / width_mult if name.endswith(HIDDEN_MATRIX_SUFFIXES) else 1.0
         key = (decay, scale)
         groups.setdefault(key, []).append(p)

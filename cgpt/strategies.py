@@ -424,6 +424,10 @@ def consolidate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         k = k.replace("_forward_module.", "", 1) if k.startswith("_forward_module.") else k
         state[k.replace(COMPILE_PREFIX, "")] = v.float() if v.is_floating_point() else v
     ckpt["state_dict"] = state
+    for sched in ckpt.get("lr_schedulers", []):
+        # The schedule is a function of the step: keep the step count, take base lrs from the new optimizer.
+        for key in ("base_lrs", "_last_lr"):
+            sched.pop(key, None)
     ckpt["cgpt_consolidated"] = {"source": kind, "optimizer": optimizer}
     return ckpt
 

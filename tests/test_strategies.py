@@ -144,6 +144,9 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 # --- multi-process runs ---------------------------------------------------------------------------
 DEEPSPEED = ["deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_2_offload"]
 STRATEGIES = ["ddp", "fsdp"] + (DEEPSPEED if HAS_DEEPSPEED else [])
+# Activation checkpointing rides along where it is riskiest (sharded parameters): it must not change a loss.
+AC = ["strategy.activation_checkpointing=true"]
+EXTRA = {"fsdp": AC, "deepspeed_stage_3": AC}
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +156,7 @@ def runs(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     out = {}
     for name in STRATEGIES:
         out[name] = root / name
-        train(tiny_data_dir, out[name], name)
+        train(tiny_data_dir, out[name], name, 2, *EXTRA.get(name, []))
     return out
 
 
@@ -167,7 +170,7 @@ def test_same_first_loss_across_strategies_and_loss_decreases(runs: dict[str, Pa
         got = losses(out)
         assert abs(got[0] - ref[0]) < TOL, (name, got[0], ref[0])  # same init, same data
         assert got[STEPS - 1] < got[0] - 0.05, (name, got)
-        for step in ref:  # same math over 6 steps (ZeRO-3 sums in another order: ~6e-5 here)
+        for step in ref:  # same math over 6 steps (reductions may sum in another order)
             assert abs(got[step] - ref[step]) < 1e-4, (name, step, got[step], ref[step])
 
 
