@@ -388,7 +388,8 @@ def fit_power_law(
 ) -> PowerLawFit:
     """Least-squares fit of L(C) = (C / c0)^(-alpha) + l_inf to (compute, loss) points.
 
-    ``l_inf=None`` fits it (needs 3 or more points); a number holds it fixed (2 or more points).
+    ``l_inf=None`` fits it in [0, min(loss)) (needs 3 or more points); a number holds it fixed
+    (2 or more points).
     Robust start: a grid over l_inf in [0, min(loss)) with a log-space regression for each; then a
     damped Gauss-Newton (Levenberg-Marquardt) refinement of (log c0, alpha, l_inf) on the loss.
     """
@@ -436,7 +437,7 @@ def fit_power_law(
             step = np.linalg.solve(h + lam * np.diag(np.diag(h) + 1e-12), -g)
             trial = theta.copy()
             trial[free] += step
-            if not fixed and trial[2] >= y.min():
+            if not fixed and not 0.0 <= trial[2] < y.min():  # an irreducible loss is >= 0
                 lam *= 10
                 continue
             new_cost = float(np.sum(residual(trial) ** 2))

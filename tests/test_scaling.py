@@ -124,3 +124,9 @@ def test_plot_fit_writes_png(tmp_path):
     out = tmp_path / "fit.png"
     plot_fit(str(out), names, compute, loss, fit, reference=PUBLISHED_LAW)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_keeps_irreducible_loss_non_negative():
+    # Under-trained CPU points that curve the wrong way would pull L_inf below zero.
+    fit = fit_power_law([1.791e11, 5.379e11, 1.276e12], [10.675, 10.2418, 9.3483])
+    assert 0.0 <= fit.l_inf < 9.3483 and fit.alpha > 0
