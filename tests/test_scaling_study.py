@@ -46,6 +46,7 @@ def test_two_rung_study_end_to_end(tmp_path, tiny_data_dir, capsys):
     for name, r in runs.items():
         summary = json.loads((out / "runs" / name / "summary.json").read_text())
         assert summary["tokens_seen"] == r["tokens"] > 0 and summary["val_loss"] == r["val_loss"]
+        assert (out / "runs" / name / "hydra" / "config.yaml").is_file()  # Hydra's files stay in the study
     assert runs["L1-d32"]["compute"] > runs["L1-d16"]["compute"]
     fit = res["fit"]
     assert fit["l_inf_fixed"] and fit["l_inf"] == 0 and fit["n_points"] == 2

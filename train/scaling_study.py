@@ -89,7 +89,7 @@ def train_rung(name: str, cfg: ModelConfig, budget: dict, args: argparse.Namespa
     overrides = [
         "model=cerebras_gpt_tiny", f"model.n_layer={cfg.n_layer}", f"model.d_model={cfg.d_model}",
         f"model.n_head={cfg.n_head}", f"model.d_ffn={cfg.d_ffn}", f"model.block_size={cfg.block_size}",
-        f"run_name=scaling-{name}", f"paths.output_dir={run_dir}", f"data.dir={args.data}",
+        f"run_name=scaling-{name}", f"paths.output_dir={run_dir}", f"hydra.run.dir={run_dir}", f"data.dir={args.data}",
         f"data.global_batch_size={args.batch_size}", f"data.micro_batch_size={args.batch_size}",
         f"data.val_batches={args.val_batches}", "data.num_workers=0", f"optim.lr={args.lr}",
         f"scheduler.warmup_steps={budget['warmup']}", "scheduler.decay=linear",
