@@ -170,8 +170,8 @@ def test_same_first_loss_across_strategies_and_loss_decreases(runs: dict[str, Pa
         got = losses(out)
         assert abs(got[0] - ref[0]) < TOL, (name, got[0], ref[0])  # same init, same data
         assert got[STEPS - 1] < got[0] - 0.05, (name, got)
-        for step in ref:  # same math over 6 steps (reductions may sum in another order)
-            assert abs(got[step] - ref[step]) < 1e-4, (name, step, got[step], ref[step])
+        for step in ref:  # same math over 6 steps (reductions may sum in another order: ~1e-6)
+            assert abs(got[step] - ref[step]) < TOL, (name, step, got[step], ref[step])
 
 
 @pytest.mark.slow
