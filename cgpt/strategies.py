@@ -302,9 +302,11 @@ class CgptDeepSpeedStrategy(DeepSpeedStrategy):
 
     @contextlib.contextmanager
     def model_sharded_context(self) -> Generator[None, None, None]:
+        # Entered again by trainer.validate()/test() after fit: only a model built here is re-initialised.
+        built_here = getattr(self.lightning_module, "model", None) is None
         with super().model_sharded_context():
             yield
-        if self.zero_stage_3:
+        if self.zero_stage_3 and built_here:
             _reinit_partitioned(self.lightning_module)
 
     def _setup_model_and_optimizer(self, model: nn.Module, optimizer: Any, lr_scheduler: Any = None) -> Any:
