@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import run_script
 
 pytestmark = pytest.mark.slow
@@ -16,8 +15,15 @@ pytestmark = pytest.mark.slow
 
 def _pretrain(data_dir: Path, out: Path, *extra: str):
     return run_script(
-        ["train/pretrain.py", "experiment=smoke", f"data.dir={data_dir}", f"paths.output_dir={out}",
-         "data.num_workers=0", "trainer.precision=32-true", *extra],  # fmt: skip
+        [
+            "train/pretrain.py",
+            "experiment=smoke",
+            f"data.dir={data_dir}",
+            f"paths.output_dir={out}",
+            "data.num_workers=0",
+            "trainer.precision=32-true",
+            *extra,
+        ],  # fmt: skip
         timeout=300,
     )
 
