@@ -65,9 +65,7 @@ def pretrain_components(cfg: DictConfig) -> tuple[CerebrasGPTModule, PackedDataM
         num_workers=data_cfg["num_workers"], seed=cfg.seed, shard_url=data_cfg["shard_url"],
         val_batches=data_cfg["val_batches"], mix_shards=data_cfg.get("mix_shards", 4),
     )  # fmt: skip
-    datamodule.validate(
-        data_cfg["seq_len"], module.model_config.vocab_size, block_size=module.model_config.block_size
-    )
+    datamodule.validate(data_cfg["seq_len"], module.model_config.vocab_size, block_size=module.model_config.block_size)
     if init_from:
         from cgpt.init_from import check_tokenizer
 
