@@ -32,13 +32,15 @@ def test_published_mode_writes_fit(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_rung_study_end_to_end(tmp_path, tiny_data_dir, capsys):
+@pytest.mark.parametrize("launcher", ["local", "hydra"])
+def test_two_rung_study_end_to_end(tmp_path, tiny_data_dir, capsys, launcher):
     out = tmp_path / "study"
     proc = run_script(
         ["train/scaling_study.py", "--out", str(out), "--data", str(tiny_data_dir), "--ladder", "1:16:1,1:32:2",
-         "--tokens-per-param", "0.5", "--batch-size", "8", "--val-batches", "2"],
+         "--tokens-per-param", "0.5", "--batch-size", "8", "--val-batches", "2", "--launcher", launcher],
         timeout=170,
     )  # fmt: skip
+    assert ("Hydra multirun of 2 rungs" in proc.stdout) == (launcher == "hydra")
     assert "holding it at 0" in proc.stdout
     res = json.loads((out / "scaling_fit.json").read_text())
     runs = {r["run"]: r for r in res["runs"]}
@@ -55,7 +57,7 @@ def test_two_rung_study_end_to_end(tmp_path, tiny_data_dir, capsys):
     # Re-running skips the finished rungs and refits (in-process: nothing is trained).
     again = scaling_study.main(
         ["--out", str(out), "--data", str(tiny_data_dir), "--ladder", "1:16:1,1:32:2", "--tokens-per-param", "0.5",
-         "--batch-size", "8", "--val-batches", "2"]
+         "--batch-size", "8", "--val-batches", "2", "--launcher", launcher]
     )  # fmt: skip
     assert capsys.readouterr().out.count("done already") == 2
     assert again["fit"] == fit

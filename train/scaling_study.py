@@ -6,8 +6,9 @@
     python train/scaling_study.py --published         # fit and plot the paper's seven points
 
 Each rung "n_layer:d_model:n_head" (d_ffn = 4 x d_model) trains for its compute-optimal budget,
-tokens_per_param x parameters, with train/pretrain.py in a subprocess (one Hydra run per rung,
-under <out>/runs/<rung>; a finished rung is skipped and an interrupted one resumes). Then every
+tokens_per_param x parameters, with train/pretrain.py: one subprocess per rung (--launcher local),
+or all rungs as one Hydra multirun (--launcher hydra; add --override hydra/launcher=... for SLURM).
+Each rung lives in <out>/runs/<rung>; a finished rung is skipped and an interrupted one resumes. Then every
 runs/*/summary.json is collected, training compute C is counted (FLOPs, Cerebras-paper convention
 by default), L(C) = (C / C0)^(-alpha) + L_inf is fitted to the final validation losses and
 <out>/scaling_fit.png, scaling_table.md and scaling_fit.json are written.
@@ -110,6 +111,48 @@ def train_rung(name: str, cfg: ModelConfig, budget: dict, args: argparse.Namespa
     return summary
 
 
+def train_rungs_multirun(rungs: list[tuple[str, ModelConfig, dict]], args: argparse.Namespace, out: Path) -> None:
+    """Train the unfinished rungs as one Hydra multirun of train/pretrain.py (one job per rung).
+
+    Each rung's shape and budget travel as one swept dict, ``+rung=choice({...}, ...)``, that the
+    model, scheduler and trainer keys interpolate; add e.g. ``--override hydra/launcher=submitit_slurm``
+    to run the rungs as SLURM jobs.
+    """
+    todo = []
+    for name, cfg, budget in rungs:
+        summary = out / "runs" / name / "summary.json"
+        if summary.is_file() and json.loads(summary.read_text()).get("steps") == budget["steps"]:
+            print(f"[{name}] done already ({summary})", flush=True)
+            continue
+        fields = {"name": name, "n_layer": cfg.n_layer, "d_model": cfg.d_model, "n_head": cfg.n_head,
+                  "d_ffn": cfg.d_ffn, "steps": budget["steps"], "warmup": budget["warmup"],
+                  "progress": max(1, budget["steps"] // 4)}  # fmt: skip
+        todo.append("{" + ",".join(f"{k}:{v}" for k, v in fields.items()) + "}")
+    if not todo:
+        return
+    overrides = [
+        "-m", "model=cerebras_gpt_tiny", f"+rung=choice({','.join(todo)})", "model.n_layer=${rung.n_layer}",
+        "model.d_model=${rung.d_model}", "model.n_head=${rung.n_head}", "model.d_ffn=${rung.d_ffn}",
+        f"model.block_size={rungs[0][1].block_size}", "run_name=scaling-${rung.name}",
+        f"hydra.sweep.dir={out / 'runs'}", "hydra.sweep.subdir=${rung.name}", f"data.dir={args.data}",
+        f"data.global_batch_size={args.batch_size}", f"data.micro_batch_size={args.batch_size}",
+        f"data.val_batches={args.val_batches}", "data.num_workers=0", f"optim.lr={args.lr}",
+        "scheduler.warmup_steps=${rung.warmup}", "scheduler.decay=linear", "trainer.max_steps=${rung.steps}",
+        "trainer.validate_every_steps=${rung.steps}", f"trainer.accelerator={args.accelerator}",
+        "callbacks.checkpoint.every_n_steps=${rung.steps}", "callbacks.progress.every=${rung.progress}",
+        "logger=csv", "sample=null", "resume=auto", f"seed={args.seed}",
+    ]  # fmt: skip
+    cmd = [sys.executable, str(REPO_ROOT / "train" / "pretrain.py"), *overrides, *args.override]
+    print(f"Hydra multirun of {len(todo)} rungs: {' '.join(cmd[1:])}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=not args.verbose, text=True)
+    if proc.returncode != 0:
+        tail = "" if args.verbose else f"\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        raise SystemExit(f"the Hydra multirun exited {proc.returncode}{tail}")
+    print(f"multirun finished in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
 def collect(out: Path, convention: str) -> list[dict]:
     """One point per runs/*/summary.json: name, params, tokens, compute, val loss."""
     points = []
@@ -163,6 +206,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak lr of every rung")
     p.add_argument("--val-batches", type=int, default=16, help="validation micro-batches per rung")
+    p.add_argument("--launcher", choices=("local", "hydra"), default="local",
+                   help="local: one train/pretrain.py run after another; hydra: one Hydra multirun")  # fmt: skip
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--flops", choices=FLOP_CONVENTIONS, default="cerebras", help="FLOP convention of C")
@@ -187,10 +232,16 @@ def main(argv: list[str] | None = None) -> dict:
         if not meta.is_file():
             raise SystemExit(f"{meta} not found: run `python data/prepare.py --shard-size-mb 1` first (or pass --data)")
         seq_len = json.loads(meta.read_text())["seq_len"]
+        rungs = []
         for n_layer, d_model, n_head in parse_ladder(args.ladder):
             cfg = rung_config(n_layer, d_model, n_head, seq_len)
             budget = rung_budget(cfg, args.tokens_per_param, args.count, args.batch_size, seq_len)
-            train_rung(f"L{n_layer}-d{d_model}", cfg, budget, args, out)
+            rungs.append((f"L{n_layer}-d{d_model}", cfg, budget))
+        if args.launcher == "hydra":
+            train_rungs_multirun(rungs, args, out)
+        else:
+            for name, cfg, budget in rungs:
+                train_rung(name, cfg, budget, args, out)
     points = collect(out, args.flops)
     if not points:
         raise SystemExit(f"no finished runs under {out / 'runs'}")
