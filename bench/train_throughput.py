@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import resource
 import statistics
 import sys
@@ -38,7 +37,6 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
-os.environ.setdefault("CGPT_PROGRESS_STDERR", "1")  # keep stdout for the results
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
@@ -214,7 +212,7 @@ def run_cgpt(
             logger=logger,
             callbacks=[
                 ThroughputMonitor(args.log_every, args.peak_flops),
-                ProgressPrinter(50),
+                ProgressPrinter(50, stream="stderr"),  # stdout carries the results
                 RunSummary(str(Path(tmp) / "summary.json")),  # train/run.py adds it; write() is not called here
                 timer,
             ],

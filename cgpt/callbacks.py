@@ -85,17 +85,21 @@ class ProgressPrinter(L.Callback):
     Args:
         every: steps between plain lines.
         bar: ``"auto"`` (a bar when the output is a terminal), ``true`` or ``false``.
+        stream: ``"stdout"`` or ``"stderr"`` (a benchmark keeps stdout for its results).
     """
 
-    def __init__(self, every: int = 50, bar: str | bool = "auto") -> None:
+    def __init__(self, every: int = 50, bar: str | bool = "auto", stream: str = "stdout") -> None:
+        if stream not in ("stdout", "stderr"):
+            raise ValueError(f"ProgressPrinter(stream={stream!r}): use 'stdout' or 'stderr'")
         self.every = every
         self.bar = bar
+        self.stream = stream
         self._start = 0.0
         self._step0 = 0
         self._bar: Any = None
 
     def _stream(self) -> Any:
-        return sys.stderr if os.environ.get("CGPT_PROGRESS_STDERR") else sys.stdout
+        return getattr(sys, self.stream)  # looked up at each write: pytest and tqdm swap these
 
     def _print(self, trainer: L.Trainer, msg: str) -> None:
         if not trainer.is_global_zero:
