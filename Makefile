@@ -31,7 +31,7 @@ install: $(VENV)/.cgpt-installed
 install-dev: $(VENV)/.cgpt-dev-installed
 
 $(DEMO_DATA)/meta.json: data/corpus/shakespeare.jsonl.gz | $(VENV)/.cgpt-installed
-	$(BIN)/python data/prepare.py --input data/corpus/shakespeare.jsonl.gz --out $(DEMO_DATA) --seq-len 128 --shard-size-mb 1
+	$(BIN)/python data/prepare.py --input data/corpus/shakespeare.jsonl.gz --out $(DEMO_DATA) --seq-len 128 --shard-size-mb 1 --max-doc-chars 10000
 
 data: $(DEMO_DATA)/meta.json
 

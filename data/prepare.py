@@ -27,11 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=128, help="training sequence length (Cerebras-GPT: 2048)")
     p.add_argument("--val-every", type=int, default=20, help="every N-th document goes to validation")
     p.add_argument("--shard-size-mb", type=float, default=64.0, help="target shard size")
+    p.add_argument("--max-doc-chars", type=int, default=0,
+                   help="cut documents longer than this at blank lines into several (0: keep whole)")  # fmt: skip
     p.add_argument("--text-key", default="text", help="field of .jsonl records holding the text")
     p.add_argument("--tokenizer-dir", default=None, help="folder with the GPT-2 BPE files (default: bundled)")
     args = p.parse_args(argv)
     try:
-        prepare(args.input, args.out, seq_len=args.seq_len, val_every=args.val_every,
+        prepare(args.input, args.out, seq_len=args.seq_len, val_every=args.val_every, max_doc_chars=args.max_doc_chars,
                 shard_size_mb=args.shard_size_mb, text_key=args.text_key, tokenizer_dir=args.tokenizer_dir)  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

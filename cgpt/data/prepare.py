@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from cgpt.data.shards import META_NAME, TOKEN_DTYPE, DatasetMeta, ShardWriter
-from cgpt.data.sources import expand_inputs, iter_documents
+from cgpt.data.sources import expand_inputs, iter_documents, split_long_documents
 from cgpt.data.tokenizer import get_tokenizer
 
 SPLITS = ("train", "val")
@@ -142,6 +142,7 @@ def prepare(
     batch_chars: int = 8 << 20,
     piece_chars: int = 1 << 16,
     progress_every: float = 30.0,
+    max_doc_chars: int = 0,
 ) -> DatasetMeta:
     """Tokenize, pack and shard ``inputs`` into ``out_dir``; return the written metadata.
 
@@ -160,6 +161,8 @@ def prepare(
         piece_chars: long documents are tokenized in pieces of about this many characters (cut
             where the result is identical to tokenizing the whole document).
         progress_every: seconds between progress lines when stderr is not a terminal.
+        max_doc_chars: when > 0, documents longer than this are cut at blank lines into several
+            (see :func:`cgpt.data.sources.split_long_documents`); 0 keeps documents whole.
     """
     tty = log is None and sys.stderr.isatty()
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -195,6 +198,8 @@ def prepare(
             doc_index += last
 
     pieces = iter_documents(files, text_key, piece_chars=piece_chars, progress=position)
+    if max_doc_chars > 0:
+        pieces = split_long_documents(pieces, max_doc_chars)
     with ThreadPoolExecutor(max_workers=1) as encoder:  # tokenizes batch i+1 while batch i is packed
         pending: deque = deque()
         for batch in _batched(pieces, max_chars=batch_chars):
@@ -243,6 +248,7 @@ def prepare(
         extra={
             "sources": [{"name": n, "bytes": b} for n, b in zip(_source_names(files), sizes, strict=True)],
             "val_every": val_every,
+            "max_doc_chars": max_doc_chars,
             "text_key": text_key,
             "unigram_entropy": unigram_entropy(corpus_counts),
         },

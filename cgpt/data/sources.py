@@ -15,7 +15,7 @@ import gzip
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -200,3 +200,32 @@ def iter_documents(
                         yield piece, i == len(pieces) - 1
         if progress is not None:
             progress[:] = [n + 1, 0]
+
+
+def split_long_documents(pieces: Iterable[tuple[str, bool]], max_chars: int) -> Iterator[tuple[str, bool]]:
+    """Cut documents longer than ``max_chars`` into several at paragraph breaks (blank lines).
+
+    Works on the ``(text, last)`` stream of :func:`iter_documents`. A cut falls at the first blank
+    line after ``max_chars`` characters of the current document, so no paragraph is split. Useful
+    when the natural documents are few and long (a play, a book): the validation split, which is
+    by document, then samples passages from every work instead of holding out whole works.
+    """
+    run = 0
+    for text, last in pieces:
+        start, cut_here = 0, False
+        while True:
+            budget = max(max_chars - run, 0)
+            if len(text) - start <= budget:
+                break
+            cut = text.find("\n\n", start + budget)
+            if cut < 0:
+                break
+            cut += 2
+            yield text[start:cut], True
+            start, run, cut_here = cut, 0, True
+        rest = text[start:]
+        if rest.strip() or (last and not cut_here):
+            yield rest, last
+            run = 0 if last else run + len(rest)
+        elif last:
+            run = 0
