@@ -113,11 +113,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cerebras-gpt-demo": {
         "model": {"n_layer": 4, "d_model": 128, "n_head": 4, "d_ffn": 512, "block_size": 128},
         "train": {
-            "lr": 2.0e-3,
-            "batch_size": 32,
-            "warmup_steps": 50,
+            "lr": 3.0e-3,
+            "batch_size": 16,
+            "warmup_steps": 20,
             "decay": "linear",
-            "max_steps": 1200,
+            "max_steps": 480,
             "adam_eps": 1e-8,
         },
     },
