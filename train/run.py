@@ -175,7 +175,17 @@ def fit(cfg: DictConfig, components: Callable[[DictConfig], tuple[Any, Any]] = p
         print(f"summary: {summary.path}", flush=True)
         if sample:
             print(f"\nsample:\n{sample}\n", flush=True)
+    _close_process_group()
     return result
+
+
+def _close_process_group() -> None:
+    """Tear the process group down while the interpreter is intact. Left to exit-time destructors,
+    gloo's worker threads can abort the process ("terminate called without an active exception")
+    after a run that succeeded."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _sample(cfg: DictConfig, module: CerebrasGPTModule) -> str | None:
