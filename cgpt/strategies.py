@@ -153,6 +153,13 @@ def _maybe_checkpoint(strategy: Strategy, pl_module: L.LightningModule) -> None:
 
 
 # --- atomic directory checkpoints --------------------------------------------------------------
+def _remove_checkpoint(strategy: Strategy, filepath: str | os.PathLike) -> None:
+    """Rank 0 deletes a checkpoint, a file or a sharded folder."""
+    if strategy.is_global_zero:
+        path = Path(filepath)
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def _atomic_dir_save(strategy: Strategy, filepath: str | os.PathLike, save: Any) -> None:
     """Run ``save(tmp_path)`` on every rank, then let rank 0 swap ``tmp_path`` into ``filepath``.
 
@@ -261,9 +268,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         _atomic_dir_save(self, filepath, lambda tmp: save(checkpoint, tmp))
 
     def remove_checkpoint(self, filepath: Any) -> None:
-        if self.is_global_zero:
-            path = Path(filepath)
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        _remove_checkpoint(self, filepath)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Also accept a single file without optimizer state (a consolidated DeepSpeed checkpoint):
@@ -320,9 +325,7 @@ class CgptDeepSpeedStrategy(DeepSpeedStrategy):
         _atomic_dir_save(self, filepath, lambda tmp: save(checkpoint, tmp))
 
     def remove_checkpoint(self, filepath: Any) -> None:
-        if self.is_global_zero:
-            path = Path(filepath)
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        _remove_checkpoint(self, filepath)
 
 
 def _reinit_partitioned(pl_module: L.LightningModule) -> None:
