@@ -45,10 +45,12 @@ from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 from cgpt.callbacks import ProgressPrinter, RunSummary, ThroughputMonitor  # noqa: E402
 from cgpt.config import ModelConfig  # noqa: E402
 from cgpt.hardware import (  # noqa: E402
+    default_fused_loss,
     gpu_table_peak,
     peak_flops,
     precision_dtype,
     resolve_compile,
+    resolve_fused_loss,
     resolve_precision,
 )
 from cgpt.lit_module import CerebrasGPTModule  # noqa: E402
@@ -232,7 +234,7 @@ def build_module(args: argparse.Namespace, device: torch.device) -> CerebrasGPTM
         model = ModelConfig.from_name(args.model, **overrides).to_dict()
     model["block_size"] = max(model.get("block_size") or args.seq_len, args.seq_len)
     torch.manual_seed(args.seed)
-    module = CerebrasGPTModule(model=model, compile=args.compile)
+    module = CerebrasGPTModule(model=model, compile=args.compile, fused_loss=args.fused_loss)
     module.set_runtime(args.seq_len, args.micro_batch)
     with torch.device(device):
         module.configure_model()  # built (and compiled) once; both loops train this same GPT
@@ -250,6 +252,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not (args.precision.endswith("-mixed") or args.precision == "32-true"):
         raise SystemExit(f"--precision {args.precision}: use bf16-mixed, 16-mixed, 32-true or auto")
     args.compile = resolve_compile(args.compile, device)
+    args.fused_loss = resolve_fused_loss(args.fused_loss)
+    if args.fused_loss == "auto":
+        args.fused_loss = default_fused_loss(device)
     if args.warmup < 1 or args.steps <= args.warmup:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}), and --warmup must be >= 1")
     if device.type == "cuda":
@@ -294,6 +299,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "device": device_name(device),
         "precision": args.precision,
         "compile": args.compile,
+        "fused_loss": args.fused_loss,
         "seq_len": args.seq_len,
         "data": args.data or "synthetic",
         "micro_batch": args.micro_batch,
@@ -346,7 +352,8 @@ def report(result: dict[str, Any]) -> str:
         return f"skipped: {result['skipped']}"
     lines = [
         f"{result['model']} {result['num_params'] / 1e6:.1f}M params on {result['device']}, {result['precision']}, "
-        f"compile={result['compile']}, seq {result['seq_len']} x micro-batch {result['micro_batch']}, "
+        f"compile={result['compile']}, fused loss={result['fused_loss']}, "
+        f"seq {result['seq_len']} x micro-batch {result['micro_batch']}, "
         f"{result['timed_steps']} timed steps x {result['repeats']} reps, peak {result['peak_flops'] / 1e12:.2f} "
         f"TFLOP/s ({result['peak_source']})",
     ]
@@ -383,6 +390,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per step")
     p.add_argument("--precision", default="auto", help="auto | bf16-mixed | 16-mixed | 32-true")
     p.add_argument("--compile", default="auto", help="auto (on for CUDA, off on CPU) | true | false")
+    p.add_argument("--fused-loss", default="auto", help="auto (on for CPU, off for CUDA) | true | false")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--steps", type=int, default=30, help="steps per loop and repetition, warmup included")
     p.add_argument("--warmup", type=int, default=5, help="untimed first steps (compilation happens here)")

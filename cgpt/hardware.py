@@ -70,6 +70,24 @@ def precision_dtype(precision: str | int | None) -> torch.dtype:
     return torch.float32
 
 
+def default_fused_loss(device: torch.device | str) -> bool:
+    """Whether the model's loss uses the fused chunked head (:mod:`cgpt.lm_head`) by default.
+
+    On CPUs it is about twice as fast as the head over full logits (docs/notes/issue-2.md). On
+    CUDA the full-logits head is kept as the default, where ``torch.compile`` fuses the
+    softmax: the fused head is unmeasured there (it still saves the logits' memory; switch it on
+    with ``fused_loss=true``).
+    """
+    return torch.device(device).type == "cpu"
+
+
+def resolve_fused_loss(fused_loss: bool | str | None) -> bool | str:
+    """Validate a ``fused_loss`` setting: a boolean (or its spelling), or ``"auto"`` (also ``None``)."""
+    if fused_loss in (None, "auto"):
+        return "auto"
+    return _switch("fused_loss", fused_loss)
+
+
 def default_compile(device: torch.device | str | None = None) -> bool:
     """Whether ``torch.compile`` is the default on ``device``: the one place this is decided.
 
@@ -84,12 +102,17 @@ def resolve_compile(compile: bool | str | None, device: torch.device | str | Non
     """Turn ``auto``/``None`` into :func:`default_compile`; accept booleans and their spellings."""
     if compile in (None, "auto"):
         return default_compile(device)
-    if isinstance(compile, bool):
-        return compile
+    return _switch("compile", compile)
+
+
+def _switch(name: str, value: bool | str) -> bool:
+    """A boolean setting given as a bool or a word (true/false, on/off, 1/0)."""
+    if isinstance(value, bool):
+        return value
     words = {"true": True, "on": True, "1": True, "false": False, "off": False, "0": False}
-    if str(compile).lower() not in words:
-        raise ValueError(f"compile={compile!r}: use true, false or auto")
-    return words[str(compile).lower()]
+    if str(value).lower() not in words:
+        raise ValueError(f"{name}={value!r}: use true, false or auto")
+    return words[str(value).lower()]
 
 
 def gpu_table_peak(name: str) -> float | None:

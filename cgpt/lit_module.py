@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from cgpt.config import ConfigError, ModelConfig, TrainingDefaults, normalize_preset_name
-from cgpt.hardware import resolve_compile
+from cgpt.hardware import resolve_compile, resolve_fused_loss
 from cgpt.model import GPT
 from cgpt.optim import OptimConfig, SchedulerConfig, build_optimizer, build_scheduler
 from cgpt.presets import PRESETS
@@ -32,6 +32,8 @@ class CerebrasGPTModule(L.LightningModule):
             ``"auto"`` compiles where :func:`cgpt.hardware.default_compile` says it is faster (CUDA).
         lora: :class:`~cgpt.lora.LoRAConfig` fields to train low-rank adapters on a frozen base;
             ``None`` (or ``enabled: false``) trains every weight.
+        fused_loss: compute the loss with the fused chunked head (:mod:`cgpt.lm_head`); ``"auto"``
+            uses it where :func:`cgpt.hardware.default_fused_loss` says it is faster (CPUs).
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class CerebrasGPTModule(L.LightningModule):
         scheduler: dict[str, Any] | None = None,
         compile: bool | str | None = False,
         lora: dict[str, Any] | None = None,
+        fused_loss: bool | str | None = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -48,12 +51,14 @@ class CerebrasGPTModule(L.LightningModule):
         self.optim_config = OptimConfig(**(optim or {}))
         self.scheduler_config = SchedulerConfig(**(scheduler or {}))
         self.compile = compile
+        self.fused_loss = resolve_fused_loss(fused_loss)
         self.recipe = _recipe_for(self.model_config)
         self.model: GPT | None = None
         self.tokens_per_step = 0  # set by set_runtime(); used for "tokens seen"
         self.seq_len: int | None = None  # set by set_runtime(); used for FLOPs per token (MFU)
         self.lora = dict(lora) if lora and lora.get("enabled", True) else None
         self.init_from: str | None = None  # set by set_init_from(); not a hyperparameter
+        self._val_sums: torch.Tensor | None = None  # (sum of weighted losses, weight) this validation
 
     # --- runtime -------------------------------------------------------------------------------
     def set_runtime(self, seq_len: int, global_batch_size: int) -> None:
@@ -77,6 +82,7 @@ class CerebrasGPTModule(L.LightningModule):
         if self.model is not None:
             return
         self.model = GPT(self.model_config)
+        self.model.fused_loss = self.fused_loss
         if self.init_from:
             from cgpt.init_from import load_weights
 
@@ -128,9 +134,25 @@ class CerebrasGPTModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
         # Batches are equal-sized, so the mean of batch means is the per-token mean.
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/ppl", torch.exp(loss), sync_dist=True)
+        self._log_val_loss(loss, 1)
         return loss
+
+    def _log_val_loss(self, loss: torch.Tensor, weight: int | torch.Tensor) -> None:
+        """Log a batch's mean loss (weighted: the epoch value is the per-token mean over all ranks)
+        and accumulate it for ``val/ppl``, which is exp of that mean, not a mean of batch exps."""
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=int(weight))
+        if self._val_sums is None:
+            self._val_sums = torch.zeros(2, dtype=torch.float64, device=loss.device)
+        self._val_sums += torch.stack([loss.detach().double() * weight, torch.as_tensor(weight).to(self._val_sums)])
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = None
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_sums is None:  # no validation batch on this rank
+            self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        total, weight = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        self.log("val/ppl", torch.exp(total / weight).float())
 
     def configure_gradient_clipping(
         self,

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cgpt.config import ModelConfig
+from cgpt.hardware import default_fused_loss
+from cgpt.lm_head import IGNORE_INDEX, LMHead
 
 
 class KVCache(nn.Module):
@@ -124,9 +126,12 @@ class GPT(nn.Module):
                 "ln_f": nn.LayerNorm(config.d_model, eps=config.layer_norm_eps),
             }
         )
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.d_model, config.vocab_size)
         self.lm_head.weight = self.transformer.wte.weight  # tied
         self.kv_caches: list[KVCache] | None = None
+        # How the loss is computed: True = the fused chunked head (cgpt.lm_head), False = from the
+        # full logits, "auto" = where cgpt.hardware.default_fused_loss says it is faster (CPUs).
+        self.fused_loss: bool | str = "auto"
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -159,14 +164,18 @@ class GPT(nn.Module):
         attn_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         last_only: bool = False,
+        targets: torch.Tensor | None = None,
+        ignore_index: int = IGNORE_INDEX,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids ``idx`` (B, T).
+        """Logits (B, T, vocab) for token ids ``idx`` (B, T); with ``targets`` (B, T), the loss instead.
 
         ``start`` is the absolute position of ``idx[:, 0]`` when decoding with the KV caches set
         up by :meth:`setup_kv_cache`. ``attn_mask`` (B, 1, T, T_total) of booleans and
         ``position_ids`` (B, T) serve batches of left-padded prompts. ``last_only`` returns the
         logits of the last position only, (B, 1, vocab): decoding needs no more, and the LM head
-        over a whole prompt costs as much as several decode steps.
+        over a whole prompt costs as much as several decode steps. ``targets`` returns the mean
+        cross entropy over targets other than ``ignore_index`` (see :meth:`loss`); it is computed
+        inside this call so that sharding strategies see the head's weight in use.
         """
         B, T = idx.shape
         if start + T > self.config.block_size:
@@ -182,15 +191,20 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)
-        if self.config.mup:
-            logits = logits * self.config.logits_multiplier
-        return logits
+        scale = self.config.logits_multiplier if self.config.mup else 1.0
+        if targets is None:
+            return self.lm_head(x, scale=scale)
+        fused = self.fused_loss
+        if fused == "auto":
+            fused = default_fused_loss(x.device)
+        return self.lm_head(x, targets, scale=scale, ignore_index=ignore_index, fused=bool(fused))
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """Mean next-token cross entropy over all target tokens (per-token average, in fp32)."""
-        logits = self(idx)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+    def loss(
+        self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX, **kwargs: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean next-token cross entropy over the targets other than ``ignore_index`` (softmax in
+        fp32). ``kwargs`` go to :meth:`forward` (``attn_mask``, ``position_ids``)."""
+        return self(idx, targets=targets, ignore_index=ignore_index, **kwargs)
 
     # --- decoding support --------------------------------------------------------------------
     def setup_kv_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:

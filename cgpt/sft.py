@@ -34,7 +34,6 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
 from cgpt.config import ConfigError
@@ -261,9 +260,8 @@ def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     """(mean cross entropy over target tokens, number of target tokens) of one batch."""
     seg = batch.get("segment_ids")
     mask = block_causal_mask(seg) if seg is not None else None
-    logits = model(batch["input_ids"], attn_mask=mask, position_ids=batch["position_ids"])
     targets = batch["targets"]
-    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE_INDEX)
+    loss = model.loss(batch["input_ids"], targets, IGNORE_INDEX, attn_mask=mask, position_ids=batch["position_ids"])
     return loss, (targets != IGNORE_INDEX).sum()
 
 
@@ -541,11 +539,11 @@ class SFTModule(CerebrasGPTModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, n = sft_loss(self.model, batch)
         # Weighted by target tokens: the epoch value is the per-token mean over the whole split.
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=int(n))
-        self.log("val/ppl", torch.exp(loss), sync_dist=True, batch_size=int(n))
+        self._log_val_loss(loss, n)
         return loss
 
     def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
         if self.samples and not self.trainer.sanity_checking:
             self.last_samples = self.generate_samples()
             if self.trainer.is_global_zero:

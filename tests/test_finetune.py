@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -59,7 +60,9 @@ def test_tiny_model_learns_to_reverse_then_resumes_continues_with_lora_and_expor
     # Re-running with more steps resumes the fine-tune (optimizer, schedule, data position), not init.
     out = _finetune(run, *common, "trainer.max_steps=155", "trainer.validate_every_steps=75")
     assert "resuming from" in out and "initialising weights" not in out
-    assert json.loads((run / "summary.json").read_text())["steps"] == 155
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 155
+    assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]), rel=1e-5)  # over target tokens
 
     # LoRA from the fine-tuned run: base frozen, adapters saved alone, merged export.
     lora_run = tmp_path / "lora"

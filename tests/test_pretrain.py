@@ -35,6 +35,8 @@ def test_pretrain_writes_summary_and_checkpoints_then_resumes(tiny_data_dir: Pat
     assert summary["steps"] == 6
     assert summary["tokens_seen"] == 6 * 8 * 64  # steps x global batch x seq_len
     assert summary["train_loss"] < math.log(50257) and summary["val_loss"] < math.log(50257)
+    # perplexity is exp of the per-token mean loss (not the mean of per-batch perplexities)
+    assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]), rel=1e-5)
     assert summary["tokens_per_sec"] > 0 and summary["wall_time_sec"] > 0
     assert summary["config"]["model"]["name"] == "cerebras-gpt-tiny"
     assert summary["config"]["resolved"]["accumulate_grad_batches"] == 2

@@ -21,7 +21,7 @@ def sft_components(cfg: DictConfig) -> tuple[SFTModule, SFTDataModule]:
     """The SFT module (weights from ``init_from``, optional LoRA) and the JSONL datamodule."""
     module = SFTModule(
         model=model_dict(cfg), optim=container(cfg.optim), scheduler=container(cfg.scheduler),
-        compile=cfg.compile, lora=container(cfg.get("lora")) or None,
+        compile=cfg.compile, lora=container(cfg.get("lora")) or None, fused_loss=cfg.get("fused_loss", "auto"),
     )  # fmt: skip
     module.set_init_from(cfg.init_from)
     d = container(cfg.data)

@@ -56,7 +56,7 @@ def pretrain_components(cfg: DictConfig) -> tuple[CerebrasGPTModule, PackedDataM
     init_from = cfg.get("init_from")
     module = CerebrasGPTModule(
         model=model_dict(cfg), optim=container(cfg.optim), scheduler=container(cfg.scheduler),
-        compile=cfg.compile, lora=container(cfg.get("lora")) or None,
+        compile=cfg.compile, lora=container(cfg.get("lora")) or None, fused_loss=cfg.get("fused_loss", "auto"),
     )  # fmt: skip
     module.set_init_from(init_from)
     data_cfg = container(cfg.data)
