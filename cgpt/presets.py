@@ -117,7 +117,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "batch_size": 16,
             "warmup_steps": 20,
             "decay": "linear",
-            "max_steps": 480,
+            "max_steps": 560,
             "adam_eps": 1e-8,
         },
     },
