@@ -116,7 +116,8 @@ class ProgressPrinter(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start, self._step0 = time.time(), trainer.global_step
-        n = pl_module.model.num_params() if pl_module.model is not None else 0
+        # From the config: under ZeRO-3 the module's own tensors are this rank's partitions.
+        n = pl_module.model_config.num_params()
         self._print(
             trainer, f"training {pl_module.model_config.name}: {n / 1e6:.2f}M parameters, {trainer.max_steps} steps"
         )

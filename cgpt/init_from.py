@@ -4,7 +4,8 @@ A *source* is one of:
 
 - a Hugging Face GPT-2 checkpoint directory (``config.json`` + ``model.safetensors`` /
   ``pytorch_model.bin``), e.g. a downloaded ``cerebras/Cerebras-GPT-111M`` (read by :mod:`cgpt.hf`);
-- a cgpt Lightning checkpoint file (``.../checkpoints/last.ckpt``, ``best-*.ckpt``);
+- a cgpt Lightning checkpoint (``.../checkpoints/last.ckpt``, ``best-*.ckpt``): a file, or the
+  sharded folder an FSDP or DeepSpeed run saves (consolidated in memory on load);
 - a cgpt run folder (``outputs/<run>``), meaning its ``checkpoints/last.ckpt``.
 
 Only weights come from the source: the optimizer and lr schedule start fresh. Loading is strict:
@@ -42,12 +43,14 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
     if path.is_dir():
         if (path / "config.json").is_file():
             return "hf", path
+        if _is_sharded_checkpoint(path):
+            return "cgpt", path
         for candidate in (path / "checkpoints" / LAST, path / LAST):
-            if candidate.is_file():
+            if candidate.is_file() or _is_sharded_checkpoint(candidate):
                 return "cgpt", candidate
         raise FileNotFoundError(
             f"init_from={source}: the folder has neither config.json (a Hugging Face checkpoint) nor "
-            f"checkpoints/{LAST} (a cgpt run folder)"
+            f"checkpoints/{LAST} (a cgpt run folder), nor is it an FSDP or DeepSpeed checkpoint folder"
         )
     if path.is_file():
         return "cgpt", path
@@ -56,7 +59,16 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
     )
 
 
+def _is_sharded_checkpoint(path: Path) -> bool:
+    """An FSDP (torch.distributed.checkpoint) or DeepSpeed checkpoint folder."""
+    return path.is_dir() and ((path / ".metadata").is_file() or (path / "latest").is_file())
+
+
 def _load_ckpt(path: Path) -> dict[str, Any]:
+    if path.is_dir():  # sharded: gathered into one state dict (weights in memory: there is no mmap)
+        from cgpt.strategies import consolidate_checkpoint
+
+        return consolidate_checkpoint(path)
     # mmap: reading the hyperparameters of a 13B checkpoint must not load its weights into memory.
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 

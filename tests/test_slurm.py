@@ -174,8 +174,7 @@ def _fake_run(max_steps: int = 4):
     loop = SimpleNamespace(_should_accumulate=lambda: False)
     trainer = SimpleNamespace(is_global_zero=True, global_step=0, max_steps=max_steps, sanity_checking=False,
                               callback_metrics={}, fit_loop=loop)  # fmt: skip
-    model = SimpleNamespace(num_params=lambda: 2_000_000)
-    module = SimpleNamespace(model=model, model_config=SimpleNamespace(name="m"))
+    module = SimpleNamespace(model=None, model_config=SimpleNamespace(name="m", num_params=lambda: 2_000_000))
     return trainer, module
 
 

@@ -214,6 +214,20 @@ def test_consolidate_every_format_to_the_same_fp32_weights(runs: dict[str, Path]
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # the first test pays for the shared runs
+def test_init_from_a_sharded_run_folder_loads_its_consolidated_weights(runs: dict[str, Path]) -> None:
+    from cgpt.init_from import resolve_source, source_model_config, source_state_dict
+
+    ref = weights(runs["ddp"] / "checkpoints" / "last.ckpt")
+    for name, out in runs.items():
+        assert resolve_source(out) == ("cgpt", out / "checkpoints" / "last.ckpt"), name
+        assert source_model_config(out).name == "cerebras-gpt-tiny", name
+        got = source_state_dict(out)  # FSDP / DeepSpeed folders are consolidated in memory
+        for k in ref:
+            torch.testing.assert_close(got[k].float(), ref[k], atol=1e-4, rtol=1e-3, msg=f"{name}: {k}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)  # the first test pays for the shared runs
 def test_sigkill_mid_training_then_rerun_matches_uninterrupted(
     runs: dict[str, Path], tiny_data_dir: Path, tmp_path: Path
 ) -> None:
