@@ -107,9 +107,14 @@ def source_state_dict(source: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
-    """Copy ``state`` into ``model``; every tensor accounted for and shaped alike, or a full error."""
-    own = model.state_dict()
+def load_strict(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike, skip_adapters: bool = False
+) -> None:
+    """Copy ``state`` into ``model``; every tensor accounted for and shaped alike, or a full error.
+
+    ``skip_adapters``: the LoRA adapters of ``model`` are not expected in ``state`` (they start
+    fresh) and are left as they are."""
+    own = {k: v for k, v in model.state_dict().items() if not (skip_adapters and ".lora_" in k)}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [
@@ -132,8 +137,9 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str | 
 
 
 def load_weights(model: GPT, source: str | os.PathLike) -> None:
-    """Load the weights of ``source`` into ``model`` strictly (see :func:`load_strict`)."""
-    load_strict(model, source_state_dict(source), source)
+    """Load the weights of ``source`` into ``model`` strictly (see :func:`load_strict`); LoRA
+    adapters already on ``model`` are kept (a source trained with LoRA arrives merged)."""
+    load_strict(model, source_state_dict(source), source, skip_adapters=True)
 
 
 def check_tokenizer(

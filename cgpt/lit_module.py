@@ -59,6 +59,7 @@ class CerebrasGPTModule(L.LightningModule):
         self.lora = dict(lora) if lora and lora.get("enabled", True) else None
         self.init_from: str | None = None  # set by set_init_from(); not a hyperparameter
         self._val_sums: torch.Tensor | None = None  # (sum of weighted losses, weight) this validation
+        self.rng_after_build: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see configure_model
 
     # --- runtime -------------------------------------------------------------------------------
     def set_runtime(self, seq_len: int, global_batch_size: int) -> None:
@@ -82,8 +83,15 @@ class CerebrasGPTModule(L.LightningModule):
         if self.model is not None:
             return
         self.model = GPT(self.model_config)
+        # Where the generator stood when GPT initialised its weights; a strategy that has to redo that
+        # init (ZeRO-3 builds on empty shards) restores it, since LoRA's adapters draw from it next.
+        cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+        self.rng_after_build = (torch.get_rng_state(), cuda)
         self.model.fused_loss = self.fused_loss
-        if self.init_from:
+        # Under ZeRO-3 the parameters are empty partitions here: the strategy loads init_from once
+        # the build is done (cgpt.strategies._reinit_partitioned).
+        partitioned = self._trainer is not None and getattr(self.trainer.strategy, "zero_stage_3", False)
+        if self.init_from and not partitioned:
             from cgpt.init_from import load_weights
 
             load_weights(self.model, self.init_from)

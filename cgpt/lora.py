@@ -93,20 +93,34 @@ class LoRALinear(nn.Linear):
         self.scale = alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, in_features))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear; B = 0 makes the update zero
+        self.reset_adapter()
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @classmethod
     def wrap(cls, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> LoRALinear:
-        """A LoRA layer sharing ``linear``'s weight and bias tensors (no copy)."""
-        with torch.device("meta"):
-            new = cls(linear.in_features, linear.out_features, rank, alpha, dropout)
+        """A LoRA layer sharing ``linear``'s weight and bias tensors (no copy).
+
+        Built without ``nn.Linear.__init__``, whose initialisation of a throwaway weight would draw
+        from the generator wherever tensors are real (DeepSpeed ZeRO-3 ignores the meta device): the
+        adapter's A is then the only draw, so every strategy gets the same adapters from one seed.
+        """
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias
+        new.rank, new.alpha, new.scale = rank, alpha, alpha / rank
         w = linear.weight
         new.lora_A = nn.Parameter(torch.empty(rank, linear.in_features, device=w.device, dtype=w.dtype))
         new.lora_B = nn.Parameter(torch.zeros(linear.out_features, rank, device=w.device, dtype=w.dtype))
-        nn.init.kaiming_uniform_(new.lora_A, a=math.sqrt(5))
+        new.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        new.reset_adapter()
         return new
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """A as ``nn.Linear`` initialises its weight; B = 0, so a fresh adapter changes nothing."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = (self.lora_dropout(x) @ self.lora_A.t()) @ self.lora_B.t()  # (..., in) -> (..., r) -> (..., out)
@@ -149,6 +163,13 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
             p.requires_grad_(True)
     model.lora_config = config
     return model
+
+
+def reset_adapters(model: nn.Module) -> None:
+    """Re-initialise every adapter in the order :func:`apply_lora` created them (so from the same
+    RNG state they get the same values): used where the adapters were built on partitioned storage."""
+    for parent, attr, _ in _targets(model, model.lora_config):
+        getattr(parent, attr).reset_adapter()
 
 
 def has_lora(model: nn.Module) -> bool:

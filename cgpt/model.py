@@ -145,6 +145,8 @@ class GPT(nn.Module):
         """
         c = self.config
         for name, p in self.named_parameters():
+            if ".lora_" in name:
+                continue  # LoRA adapters (cgpt.lora) initialise themselves
             if name.endswith("bias"):
                 nn.init.zeros_(p)
             elif ".ln_" in name or name.startswith("transformer.ln_f"):

@@ -329,24 +329,38 @@ class CgptDeepSpeedStrategy(DeepSpeedStrategy):
 
 
 def _reinit_partitioned(pl_module: L.LightningModule) -> None:
-    """Redo the GPT's own init under ZeRO-3.
+    """Redo the model's init under ZeRO-3, as ``configure_model`` does it: GPT init, ``init_from``
+    weights, then fresh LoRA adapters.
 
     ``deepspeed.zero.Init`` partitions each submodule's parameters as soon as it is built, so the
     init at the end of ``GPT.__init__`` saw empty shards. Gathering them and initialising on rank 0
-    (which then broadcasts) gives exactly the weights a single process builds from the same seed.
+    (which then broadcasts) from the generator state right after the build (the module's
+    ``rng_after_build``: LoRA's adapters have drawn from the generator since) gives exactly the
+    weights a single process builds from the same seed.
     """
     import deepspeed
 
     model = getattr(pl_module, "model", None)
     if model is None or not hasattr(model, "init_weights"):
         return
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
         if pl_module.global_rank == 0:
-            model.init_weights()
-            if getattr(pl_module, "init_from", None):
-                from cgpt.init_from import load_weights
+            with torch.random.fork_rng(devices=devices):
+                cpu_state, cuda_state = getattr(pl_module, "rng_after_build", None) or (None, None)
+                if cpu_state is not None:
+                    torch.set_rng_state(cpu_state)
+                if cuda_state is not None:
+                    torch.cuda.set_rng_state(cuda_state)
+                model.init_weights()
+                if getattr(pl_module, "init_from", None):
+                    from cgpt.init_from import load_weights
 
-                load_weights(model, pl_module.init_from)
+                    load_weights(model, pl_module.init_from)
+                from cgpt.lora import has_lora, reset_adapters
+
+                if has_lora(model):
+                    reset_adapters(model)
 
 
 def _to_cpu_adam(optimizer: torch.optim.Optimizer, lr_scheduler: Any = None) -> torch.optim.Optimizer:

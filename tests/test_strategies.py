@@ -287,3 +287,52 @@ def test_compile_prefixes_never_reach_a_checkpoint(tmp_path: Path) -> None:
     torch.save(leaked, tmp_path / "leaky.ckpt")
     clean = consolidate_checkpoint(tmp_path / "leaky.ckpt")["state_dict"]
     assert sorted(clean) == sorted(keys)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_lora_trains_the_same_under_ddp_fsdp_and_zero3(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """LoRA with a frozen base: the same losses under every strategy, adapters move, the base does not;
+    from init_from weights too."""
+    from cgpt.checkpoint import model_state_dict
+    from cgpt.strategies import consolidate_checkpoint
+
+    names = ["ddp", "fsdp"] + (["deepspeed_stage_3"] if HAS_DEEPSPEED else [])
+    finals = {}
+    for name in names:
+        out = tmp_path / name
+        train(tiny_data_dir, out, name, 2, "lora=attention", "optim.lr=0.01")
+        ckpts = out / "checkpoints"
+        first, last = (model_state_dict(consolidate_checkpoint(ckpts / f)) for f in ("step0000004.ckpt", "last.ckpt"))
+        adapters = [k for k in last if ".lora_" in k]
+        assert adapters and all(".attn." in k for k in adapters), (name, adapters)
+        assert all(last[k].abs().max() > 0 for k in adapters if k.endswith("lora_B")), name  # B starts at 0
+        for k in last:
+            if ".lora_" in k:
+                assert not torch.equal(first[k], last[k]), (name, k)  # trained between steps 4 and 6
+            else:
+                torch.testing.assert_close(first[k], last[k], atol=0, rtol=0, msg=f"{name}: frozen {k} moved")
+        finals[name] = (losses(out), last)
+    ref_losses, ref_state = finals["ddp"]
+    for name, (got, state) in finals.items():
+        assert sorted(got) == sorted(ref_losses), name
+        for step in got:
+            assert abs(got[step] - ref_losses[step]) < TOL, (name, step, got[step], ref_losses[step])
+        for k in ref_state:
+            torch.testing.assert_close(state[k].float(), ref_state[k].float(), atol=1e-5, rtol=1e-4, msg=f"{name}: {k}")
+    if not HAS_DEEPSPEED:
+        return
+    # The real use: LoRA on published weights under FSDP and ZeRO-3 (there the base is loaded into
+    # partitioned storage, then adapters start fresh), against DDP; the source is the DDP run above
+    # (its adapters merged on load).
+    source = tmp_path / "ddp"
+    runs = {}
+    for name in ("ddp", "fsdp", "deepspeed_stage_3"):
+        out = tmp_path / f"init_{name}"
+        train(tiny_data_dir, out, name, 2, "lora=attention", "optim.lr=0.01", f"init_from={source}")
+        runs[name] = losses(out)
+    assert runs["ddp"][0] < ref_losses[0] - 0.01  # it starts from the trained weights, not from scratch
+    for name in ("fsdp", "deepspeed_stage_3"):
+        assert sorted(runs[name]) == sorted(runs["ddp"]), name
+        for step, loss in runs["ddp"].items():
+            assert abs(runs[name][step] - loss) < TOL, (name, step, runs[name][step], loss)
