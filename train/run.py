@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,11 @@ from cgpt.slurm import check_environment  # noqa: E402
 from cgpt.strategies import build_strategy  # noqa: E402
 
 TRAINER_EXTRA_KEYS = ("validate_every_steps",)
+
+if "SLURM_JOB_ID" not in os.environ:
+    # Lightning hints "srun is available but not used" wherever SLURM is installed; outside a job
+    # (a laptop or login node with the SLURM client) that is noise. Inside a job it stays.
+    warnings.filterwarnings("ignore", message="The `srun` command is available")
 
 
 def container(cfg: DictConfig | None) -> dict[str, Any]:
