@@ -80,6 +80,31 @@ def rung_budget(cfg: ModelConfig, tokens_per_param: float, count: str, batch: in
     return {"params_counted": params, "tokens": tokens, "steps": steps, "warmup": max(1, min(steps - 1, steps // 5))}
 
 
+def _shared_overrides(args: argparse.Namespace) -> list[str]:
+    """The train/pretrain.py overrides every rung takes, however it is launched."""
+    return [
+        f"data.dir={args.data}", f"data.global_batch_size={args.batch_size}",
+        f"data.micro_batch_size={args.batch_size}", f"data.val_batches={args.val_batches}", "data.num_workers=0",
+        f"optim.lr={args.lr}", "scheduler.decay=linear",
+        f"trainer.accelerator={args.accelerator}", "logger=csv", "sample=null", "resume=auto", f"seed={args.seed}",
+    ]  # fmt: skip
+
+
+def _run_pretrain(overrides: list[str], args: argparse.Namespace, announce: str, failed: str, done: str) -> None:
+    """Run train/pretrain.py with ``overrides`` then the user's ``--override``s, printing ``announce``
+    and the command first and ``done`` with the time after; on failure exit with ``failed``, the
+    return code and the tail of its output."""
+    cmd = [sys.executable, str(REPO_ROOT / "train" / "pretrain.py"), *overrides, *args.override]
+    print(f"{announce}: {' '.join(cmd[1:])}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=not args.verbose, text=True)
+    if proc.returncode != 0:
+        tail = "" if args.verbose else f"\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        raise SystemExit(f"{failed} exited {proc.returncode}{tail}")
+    print(f"{done} finished in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
 def train_rung(name: str, cfg: ModelConfig, budget: dict, args: argparse.Namespace, out: Path) -> Path:
     """Train one rung with train/pretrain.py unless its summary.json shows it finished."""
     run_dir = out / "runs" / name
@@ -90,24 +115,14 @@ def train_rung(name: str, cfg: ModelConfig, budget: dict, args: argparse.Namespa
     overrides = [
         "model=cerebras_gpt_tiny", f"model.n_layer={cfg.n_layer}", f"model.d_model={cfg.d_model}",
         f"model.n_head={cfg.n_head}", f"model.d_ffn={cfg.d_ffn}", f"model.block_size={cfg.block_size}",
-        f"run_name=scaling-{name}", f"paths.output_dir={run_dir}", f"hydra.run.dir={run_dir}", f"data.dir={args.data}",
-        f"data.global_batch_size={args.batch_size}", f"data.micro_batch_size={args.batch_size}",
-        f"data.val_batches={args.val_batches}", "data.num_workers=0", f"optim.lr={args.lr}",
-        f"scheduler.warmup_steps={budget['warmup']}", "scheduler.decay=linear",
+        f"run_name=scaling-{name}", f"paths.output_dir={run_dir}", f"hydra.run.dir={run_dir}",
+        *_shared_overrides(args), f"scheduler.warmup_steps={budget['warmup']}",
         f"trainer.max_steps={budget['steps']}", f"trainer.validate_every_steps={budget['steps']}",
-        f"trainer.accelerator={args.accelerator}", f"callbacks.checkpoint.every_n_steps={max(50, budget['steps'])}",
-        f"callbacks.progress.every={max(1, budget['steps'] // 4)}", "logger=csv", "sample=null", "resume=auto",
-        f"seed={args.seed}",
+        f"callbacks.checkpoint.every_n_steps={max(50, budget['steps'])}",
+        f"callbacks.progress.every={max(1, budget['steps'] // 4)}",
     ]  # fmt: skip
-    cmd = [sys.executable, str(REPO_ROOT / "train" / "pretrain.py"), *overrides, *args.override]
-    print(f"[{name}] {budget['steps']} steps, {budget['tokens']:.3g} tokens: {' '.join(cmd[1:])}", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=not args.verbose, text=True)
-    if proc.returncode != 0:
-        tail = "" if args.verbose else f"\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-        raise SystemExit(f"[{name}] train/pretrain.py exited {proc.returncode}{tail}")
-    print(f"[{name}] finished in {time.perf_counter() - t0:.0f} s", flush=True)
+    announce = f"[{name}] {budget['steps']} steps, {budget['tokens']:.3g} tokens"
+    _run_pretrain(overrides, args, announce, failed=f"[{name}] train/pretrain.py", done=f"[{name}]")
     return summary
 
 
@@ -134,23 +149,12 @@ def train_rungs_multirun(rungs: list[tuple[str, ModelConfig, dict]], args: argpa
         "-m", "model=cerebras_gpt_tiny", f"+rung=choice({','.join(todo)})", "model.n_layer=${rung.n_layer}",
         "model.d_model=${rung.d_model}", "model.n_head=${rung.n_head}", "model.d_ffn=${rung.d_ffn}",
         f"model.block_size={rungs[0][1].block_size}", "run_name=scaling-${rung.name}",
-        f"hydra.sweep.dir={out / 'runs'}", "hydra.sweep.subdir=${rung.name}", f"data.dir={args.data}",
-        f"data.global_batch_size={args.batch_size}", f"data.micro_batch_size={args.batch_size}",
-        f"data.val_batches={args.val_batches}", "data.num_workers=0", f"optim.lr={args.lr}",
-        "scheduler.warmup_steps=${rung.warmup}", "scheduler.decay=linear", "trainer.max_steps=${rung.steps}",
-        "trainer.validate_every_steps=${rung.steps}", f"trainer.accelerator={args.accelerator}",
-        "callbacks.checkpoint.every_n_steps=${rung.steps}", "callbacks.progress.every=${rung.progress}",
-        "logger=csv", "sample=null", "resume=auto", f"seed={args.seed}",
+        f"hydra.sweep.dir={out / 'runs'}", "hydra.sweep.subdir=${rung.name}", *_shared_overrides(args),
+        "scheduler.warmup_steps=${rung.warmup}", "trainer.max_steps=${rung.steps}",
+        "trainer.validate_every_steps=${rung.steps}", "callbacks.checkpoint.every_n_steps=${rung.steps}",
+        "callbacks.progress.every=${rung.progress}",
     ]  # fmt: skip
-    cmd = [sys.executable, str(REPO_ROOT / "train" / "pretrain.py"), *overrides, *args.override]
-    print(f"Hydra multirun of {len(todo)} rungs: {' '.join(cmd[1:])}", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=not args.verbose, text=True)
-    if proc.returncode != 0:
-        tail = "" if args.verbose else f"\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-        raise SystemExit(f"the Hydra multirun exited {proc.returncode}{tail}")
-    print(f"multirun finished in {time.perf_counter() - t0:.0f} s", flush=True)
+    _run_pretrain(overrides, args, f"Hydra multirun of {len(todo)} rungs", failed="the Hydra multirun", done="multirun")
 
 
 def collect(out: Path, convention: str) -> list[dict]:
