@@ -1,4 +1,5 @@
-"""cgpt.scaling: FLOP conventions against the paper, the planner, and the power-law fit."""
+"""FLOP conventions against the paper (cgpt.flops), the planner (cgpt.planning) and the power-law fit
+(cgpt.scaling_law)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,10 @@ import numpy as np
 import pytest
 
 from cgpt.config import ConfigError, ModelConfig
+from cgpt.flops import flops_per_token, published_tokens, training_flops
+from cgpt.planning import STRATEGIES, memory_per_device, plan_training
 from cgpt.presets import PUBLISHED_TRAIN_FLOPS
-from cgpt.scaling import (
-    PUBLISHED_LAW,
-    STRATEGIES,
-    FitError,
-    fit_power_law,
-    fit_table,
-    flops_per_token,
-    law_loss,
-    memory_per_device,
-    plan_training,
-    plot_fit,
-    published_points,
-    published_tokens,
-    training_flops,
-)
+from cgpt.scaling_law import PUBLISHED_LAW, FitError, fit_power_law, fit_table, law_loss, plot_fit, published_points
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED_TRAIN_FLOPS))

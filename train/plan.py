@@ -31,14 +31,9 @@ if str(REPO_ROOT) not in sys.path:
 import yaml  # noqa: E402
 
 from cgpt.config import ConfigError, ModelConfig  # noqa: E402
-from cgpt.scaling import (  # noqa: E402
-    PUBLISHED_TRAIN_FLOPS,
-    STRATEGIES,
-    flops_per_token,
-    format_plan,
-    plan_training,
-    published_tokens,
-)
+from cgpt.flops import flops_per_token, published_tokens  # noqa: E402
+from cgpt.planning import STRATEGIES, format_plan, plan_training  # noqa: E402
+from cgpt.presets import PUBLISHED_TRAIN_FLOPS  # noqa: E402
 
 INT_KEYS = {"n_layer", "d_model", "n_head", "d_ffn", "block_size", "seq_len", "batch_size", "gpus", "micro_batch_size"}
 FLOAT_KEYS = {"tokens", "compute", "tokens_per_param", "lr", "warmup_tokens", "mfu"}

@@ -35,16 +35,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from cgpt.config import ModelConfig  # noqa: E402
-from cgpt.scaling import (  # noqa: E402
-    FLOP_CONVENTIONS,
-    PUBLISHED_LAW,
-    FitError,
-    fit_power_law,
-    fit_table,
-    plot_fit,
-    published_points,
-    training_flops,
-)
+from cgpt.flops import FLOP_CONVENTIONS, training_flops  # noqa: E402
+from cgpt.scaling_law import PUBLISHED_LAW, FitError, fit_power_law, fit_table, plot_fit, published_points  # noqa: E402
 
 DEFAULT_LADDER = "1:16:1,1:24:2,2:32:2,2:48:3"
 

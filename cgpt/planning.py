@@ -1,0 +1,262 @@
+"""Plan a compute-optimal run: tokens, steps, batch, warmup, memory per device, wall time.
+
+For a model and a token or compute budget the planner picks the compute-optimal token count
+(20 per parameter), steps, batch, warmup (about 375M tokens, as published), peak lr, memory per
+device under each parallel strategy (:mod:`cgpt.memory`), and wall time on N GPUs at a given MFU.
+FLOPs are counted by :mod:`cgpt.flops`; the predicted loss is the published law of
+:mod:`cgpt.scaling_law`. The command line of ``train/plan.py`` (:func:`plan_cli`) lives here too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cgpt.config import ConfigError, ModelConfig, TrainingDefaults, normalize_preset_name
+from cgpt.flops import TOKENS_PER_PARAM, compute_optimal_tokens, flops_per_token, training_flops
+from cgpt.presets import PRESETS, PUBLISHED_TRAIN_FLOPS
+from cgpt.scaling_law import PUBLISHED_LAW, law_loss
+
+WARMUP_TOKENS = 375e6  # every published Cerebras-GPT run warms up over about 375M tokens
+
+
+# --- memory -----------------------------------------------------------------------------------
+# The strategies of conf/strategy/ (the fields cgpt.memory reads), for planning without Hydra.
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "ddp": {"name": "ddp"},
+    "deepspeed_stage_1": {"name": "deepspeed", "stage": 1},
+    "deepspeed_stage_2": {"name": "deepspeed", "stage": 2},
+    "deepspeed_stage_2_offload": {"name": "deepspeed", "stage": 2, "offload_optimizer": True},
+    "deepspeed_stage_3": {"name": "deepspeed", "stage": 3},
+    "fsdp": {"name": "fsdp", "sharding": "full", "mixed_precision": True},
+}
+
+
+def memory_per_device(
+    config: ModelConfig,
+    strategy: dict[str, Any],
+    world_size: int,
+    micro_batch_size: int,
+    seq_len: int | None = None,
+    activation_checkpointing: bool = False,
+    precision: str = "bf16-mixed",
+) -> dict[str, float]:
+    """Estimated bytes per device ``{"states", "activations", "total", "host"}`` of training
+    ``config`` with AdamW under ``strategy`` (a conf/strategy dict, e.g. ``STRATEGIES["fsdp"]``),
+    from :func:`cgpt.memory.estimate_memory`."""
+    from cgpt.memory import estimate_memory  # imports torch: only when memory is planned
+
+    if world_size < 1 or micro_batch_size < 1:
+        raise ConfigError("world_size and micro_batch_size must be >= 1")
+    t = seq_len or config.block_size
+    strategy = {**strategy, "activation_checkpointing": activation_checkpointing}
+    m = estimate_memory(config, strategy, precision, micro_batch_size, t, devices=world_size)
+    states = m.params + m.grads + m.optimizer + m.buffers
+    return {"states": states, "activations": m.activations, "total": m.device_total, "host": m.host_offload}
+
+
+# --- GPUs -------------------------------------------------------------------------------------
+def gpu_peak_flops(gpu: str) -> float:
+    """Dense bf16 peak FLOP/s of a GPU type from :data:`cgpt.hardware.GPU_BF16_PEAK_FLOPS`
+    (e.g. ``H100``, ``H100_SXM``, ``A100``), or a number in FLOP/s given as text."""
+    from cgpt.hardware import GPU_BF16_PEAK_FLOPS
+
+    try:
+        return float(gpu)
+    except ValueError:
+        pass
+    wanted = gpu.replace("_", " ").replace("-", " ").strip().lower()
+    for key, value in GPU_BF16_PEAK_FLOPS.items():
+        if key.lower() == wanted:
+            return value
+    raise ConfigError(
+        f"unknown GPU type {gpu!r}; known: {sorted(GPU_BF16_PEAK_FLOPS)} (spaces may be written as _), "
+        "or give the peak bf16 FLOP/s as a number, e.g. gpu=989e12"
+    )
+
+
+# --- the planner ------------------------------------------------------------------------------
+@dataclass
+class TrainingPlan:
+    """Everything :func:`plan_training` decides; printable with :func:`format_plan`."""
+
+    model: str
+    params: int
+    non_embedding_params: int
+    seq_len: int
+    tokens: float
+    tokens_per_param: float
+    batch_size: int
+    tokens_per_step: int
+    steps: int
+    warmup_steps: int
+    lr: float
+    decay: str
+    recipe_from: str
+    flops_per_token: float  # "palm" convention (what MFU is measured against)
+    train_flops: float  # "cerebras" convention (comparable with the published table and law)
+    train_flops_palm: float
+    predicted_loss: float  # the published Pile law at train_flops (meaningful for the Pile only)
+    gpus: int | None = None
+    gpu: str | None = None
+    mfu: float | None = None
+    wall_time_s: float | None = None
+    memory: dict[str, dict[str, float]] = field(default_factory=dict)
+    micro_batch_size: int = 1
+    activation_checkpointing: bool = False
+    published_train_flops: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def nearest_preset(config: ModelConfig) -> str:
+    """The published SP preset whose parameter count is closest (in log space) to ``config``'s."""
+    published = [k for k in PUBLISHED_TRAIN_FLOPS]
+    n = config.num_params()
+    return min(published, key=lambda k: abs(math.log(ModelConfig.from_name(k).num_params() / n)))
+
+
+def plan_training(
+    config: ModelConfig,
+    tokens: float | None = None,
+    compute: float | None = None,
+    tokens_per_param: float = TOKENS_PER_PARAM,
+    seq_len: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    warmup_tokens: float = WARMUP_TOKENS,
+    max_warmup_fraction: float = 0.2,
+    gpus: int | None = None,
+    gpu: str = "H100",
+    mfu: float = 0.4,
+    micro_batch_size: int = 1,
+    activation_checkpointing: bool = False,
+    strategies: dict[str, dict[str, Any]] | None = None,
+) -> TrainingPlan:
+    """Plan a run of ``config``.
+
+    Budget: ``tokens`` (fixed data), or ``compute`` (FLOPs, "cerebras" convention; tokens follow),
+    or neither: ``tokens_per_param`` x parameters (compute-optimal, 20 by default).
+    Recipe: batch, lr and decay from the model's preset, or for a custom shape (``name`` not a
+    preset) from the published size nearest in parameter count. Warmup is
+    ``warmup_tokens`` (capped at ``max_warmup_fraction`` of the steps for short runs).
+    Wall time is tokens x "palm" FLOPs per token / (gpus x peak x mfu), i.e. at the MFU that
+    cgpt's ThroughputMonitor reports.
+    """
+    if tokens is not None and compute is not None:
+        raise ConfigError("give a token budget or a compute budget, not both")
+    t = seq_len or config.block_size
+    if tokens is None and compute is not None:
+        tokens = compute / flops_per_token(config, t, "cerebras")
+    if tokens is None:
+        tokens = compute_optimal_tokens(config, tokens_per_param)
+    if tokens <= 0:
+        raise ConfigError(f"token budget must be > 0, got {tokens}")
+
+    key = normalize_preset_name(config.name, strict=False)
+    recipe_from = key if key in PRESETS else nearest_preset(config)
+    recipe = TrainingDefaults.from_name(recipe_from)
+    if config.mup and not recipe_from.endswith("-mup") and f"{recipe_from}-mup" in PRESETS:
+        recipe = TrainingDefaults.from_name(f"{recipe_from}-mup")
+    batch = batch_size or recipe.batch_size
+    tokens_per_step = batch * t
+    steps = max(1, math.ceil(tokens / tokens_per_step))
+    warmup = min(round(warmup_tokens / tokens_per_step), max(1, int(max_warmup_fraction * steps)))
+
+    flops_c = training_flops(config, tokens, t, "cerebras")
+    plan = TrainingPlan(
+        model=config.name,
+        params=config.num_params(),
+        non_embedding_params=config.num_params() - (config.vocab_size + config.block_size) * config.d_model,
+        seq_len=t,
+        tokens=float(tokens),
+        tokens_per_param=tokens / config.num_params(),
+        batch_size=batch,
+        tokens_per_step=tokens_per_step,
+        steps=steps,
+        warmup_steps=max(1, warmup),
+        lr=lr or recipe.lr,
+        decay=recipe.decay,
+        recipe_from=recipe_from,
+        flops_per_token=flops_per_token(config, t, "palm"),
+        train_flops=flops_c,
+        train_flops_palm=training_flops(config, tokens, t, "palm"),
+        predicted_loss=law_loss(flops_c, **PUBLISHED_LAW),
+        micro_batch_size=micro_batch_size,
+        activation_checkpointing=activation_checkpointing,
+        published_train_flops=PUBLISHED_TRAIN_FLOPS.get(key),
+    )
+    world = gpus or 1
+    plan.memory = {
+        name: memory_per_device(config, strategy, world, micro_batch_size, t, activation_checkpointing)
+        for name, strategy in (strategies or STRATEGIES).items()
+    }
+    if gpus:
+        if not 0 < mfu <= 1:
+            raise ConfigError(f"mfu must be in (0, 1], got {mfu}")
+        plan.gpus, plan.gpu, plan.mfu = gpus, gpu, mfu
+        plan.wall_time_s = plan.train_flops_palm / (gpus * gpu_peak_flops(gpu) * mfu)
+    return plan
+
+
+def _si(x: float, unit: str = "") -> str:
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= factor:
+            return f"{x / factor:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}".rstrip()
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def format_plan(plan: TrainingPlan) -> str:
+    """A human-readable report of ``plan``."""
+    lines = [
+        f"model            {plan.model}: {plan.params / 1e6:.1f}M parameters "
+        f"({plan.non_embedding_params / 1e6:.1f}M without embeddings), context {plan.seq_len}",
+        f"tokens           {plan.tokens:.3e} ({plan.tokens_per_param:.1f} per parameter)",
+        f"batch            {plan.batch_size} sequences = {plan.tokens_per_step:,} tokens/step "
+        f"(recipe of {plan.recipe_from})",
+        f"steps            {plan.steps:,}, warmup {plan.warmup_steps:,} "
+        f"({plan.warmup_steps * plan.tokens_per_step / 1e6:.0f}M tokens), {plan.decay} decay to 10%",
+        f"peak lr          {plan.lr:g}",
+        f"training FLOPs   {plan.train_flops:.3e} (Cerebras-paper convention)"
+        + (
+            f"; published {plan.published_train_flops:.2e} (ratio {plan.train_flops / plan.published_train_flops:.3f})"
+            if plan.published_train_flops
+            else ""
+        ),
+        f"                 {plan.train_flops_palm:.3e} (6N + attention, what MFU counts: "
+        f"{plan.flops_per_token / 1e9:.3g} GFLOP/token)",
+        f"Pile loss (law)  {plan.predicted_loss:.3f} predicted by the published scaling law",
+    ]
+    if plan.wall_time_s is not None:
+        peak = gpu_peak_flops(plan.gpu or "H100")
+        lines.append(
+            f"wall time        {_duration(plan.wall_time_s)} on {plan.gpus} x {plan.gpu} "
+            f"({_si(peak, 'FLOP/s')} bf16 peak) at {100 * (plan.mfu or 0):.0f}% MFU "
+            f"({plan.wall_time_s * (plan.gpus or 1) / 3600:,.0f} GPU-hours)"
+        )
+    world = plan.gpus or 1
+    ac = ", activation checkpointing" if plan.activation_checkpointing else ""
+    lines.append(
+        f"memory/device    estimate for {world} device(s), micro-batch {plan.micro_batch_size}{ac} "
+        "(keep 10-20% headroom):"
+    )
+    width = max((len(n) for n in plan.memory), default=0)
+    for name, m in plan.memory.items():
+        host = f", {m['host'] / 2**30:.1f} GiB on the host" if m.get("host") else ""
+        lines.append(
+            f"  {name:<{width}} {m['total'] / 2**30:8.1f} GiB  (model states {m['states'] / 2**30:.1f}, "
+            f"activations {m['activations'] / 2**30:.1f}{host})"
+        )
+    return "\n".join(lines)
