@@ -1,16 +1,14 @@
-"""train/mutransfer.py: a tiny lr x width grid under SP and muP runs and writes its plot and table."""
+"""cgpt.mutransfer: a tiny lr x width grid under SP and muP runs and writes its plot and table."""
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pytest
-from conftest import REPO_ROOT
 
-sys.path.insert(0, str(REPO_ROOT / "train"))
-import mutransfer  # noqa: E402
+from cgpt import mutransfer
+from cgpt.mutransfer import MuTransferConfig
 
 
 def test_best_lrs_ignores_divergence():
@@ -25,9 +23,9 @@ def test_best_lrs_ignores_divergence():
 
 def test_tiny_grid_smoke(tmp_path, tiny_data_dir):
     out = tmp_path / "mt"
-    summary = mutransfer.main(
-        ["--data", str(tiny_data_dir), "--out", str(out), "--widths", "32", "64", "--lrs", "1e-3", "1e-2",
-         "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--vocab", "256", "--head-dim", "16"]
+    summary = mutransfer.run_mutransfer(
+        MuTransferConfig(data=str(tiny_data_dir), out=str(out), widths=[32, 64], lrs=[1e-3, 1e-2], steps=3,
+                         batch_size=2, seq_len=32, vocab=256, head_dim=16)
     )  # fmt: skip
     assert len(summary["results"]) == 2 * 2 * 2
     assert all(len(r["curve"]) == 3 and math.isfinite(r["loss"]) for r in summary["results"])

@@ -1,4 +1,4 @@
-"""train/plan.py: the planner's command line."""
+"""The planner's command line: cgpt.planning.plan_cli and the train/plan.py script."""
 
 from __future__ import annotations
 
@@ -9,23 +9,22 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "train"))
+from cgpt.planning import parse_plan_args, plan_cli
 
-import plan as plan_cli  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_parse_args_types_and_errors():
-    args = plan_cli.parse_args(["model=cerebras_gpt_1.3b", "gpus=64", "--gpu", "H100", "mfu=0.4", "json=true"])
+    args = parse_plan_args(["model=cerebras_gpt_1.3b", "gpus=64", "--gpu", "H100", "mfu=0.4", "json=true"])
     assert args == {"model": "cerebras_gpt_1.3b", "gpus": 64, "gpu": "H100", "mfu": 0.4, "json": True}
     with pytest.raises(SystemExit, match="key=value"):
-        plan_cli.parse_args(["bogus=1"])
+        parse_plan_args(["bogus=1"])
     with pytest.raises(SystemExit, match="gpus"):
-        plan_cli.parse_args(["gpus=many"])
+        parse_plan_args(["gpus=many"])
 
 
 def test_plan_json_for_preset(capsys):
-    plan_cli.main(["model=cerebras_gpt_1.3b", "gpus=64", "gpu=H100", "mfu=0.4", "json=true"])
+    plan_cli(["model=cerebras_gpt_1.3b", "gpus=64", "gpu=H100", "mfu=0.4", "json=true"])
     out = json.loads(capsys.readouterr().out)
     assert out["batch_size"] == 528 and out["gpus"] == 64
     assert abs(out["train_flops"] / 2.8e20 - 1) < 0.1
@@ -35,7 +34,7 @@ def test_plan_json_for_preset(capsys):
 
 def test_plan_custom_shape_needs_full_shape():
     with pytest.raises(SystemExit, match="n_head"):
-        plan_cli.main(["d_model=512", "n_layer=8"])
+        plan_cli(["d_model=512", "n_layer=8"])
 
 
 def test_plan_cli_runs_as_script():

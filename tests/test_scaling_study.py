@@ -1,15 +1,15 @@
-"""train/scaling_study.py: a 2-rung ladder end to end (train, collect, fit with L_inf held, plot)."""
+"""cgpt.scaling_study and train/scaling_study.py: a 2-rung ladder end to end (train, collect, fit with
+L_inf held, plot)."""
 
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
-from conftest import REPO_ROOT, run_script
+from conftest import run_script
 
-sys.path.insert(0, str(REPO_ROOT / "train"))
-import scaling_study  # noqa: E402
+from cgpt import scaling_study
+from cgpt.scaling_study import StudyConfig, run_study
 
 
 def test_ladder_parsing_and_budget():
@@ -25,7 +25,7 @@ def test_ladder_parsing_and_budget():
 
 
 def test_published_mode_writes_fit(tmp_path):
-    res = scaling_study.main(["--published", "--out", str(tmp_path)])
+    res = run_study(StudyConfig(out=tmp_path, published=True))
     assert res["fit"]["alpha"] == pytest.approx(0.0737, rel=0.02)
     assert (tmp_path / "scaling_fit.png").stat().st_size > 1000
     assert (tmp_path / "scaling_table.md").read_text().count("cerebras-gpt-") == 7
@@ -55,9 +55,9 @@ def test_two_rung_study_end_to_end(tmp_path, tiny_data_dir, capsys, launcher):
     assert fit["max_rel_error"] < 1e-6  # two points, two free parameters: exact
     assert (out / "scaling_fit.png").read_bytes()[:4] == b"\x89PNG"
     # Re-running skips the finished rungs and refits (in-process: nothing is trained).
-    again = scaling_study.main(
-        ["--out", str(out), "--data", str(tiny_data_dir), "--ladder", "1:16:1,1:32:2", "--tokens-per-param", "0.5",
-         "--batch-size", "8", "--val-batches", "2", "--launcher", launcher]
+    again = run_study(
+        StudyConfig(out=out, data=tiny_data_dir, ladder="1:16:1,1:32:2", tokens_per_param=0.5, batch_size=8,
+                    val_batches=2, launcher=launcher)
     )  # fmt: skip
     assert capsys.readouterr().out.count("done already") == 2
     assert again["fit"] == fit

@@ -1,12 +1,11 @@
-"""Sweeps: a local Hydra multirun writes one summary.json per point, train/collect.py tabulates a
-sweep folder sorted by validation loss, and the SLURM launcher / Optuna sweeper configs compose."""
+"""Sweeps: a local Hydra multirun writes one summary.json per point, cgpt.sweep_results (train/collect.py)
+tabulates a sweep folder sorted by validation loss, and the SLURM launcher / Optuna sweeper configs compose."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
+from cgpt.sweep_results import collect, write_results
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "train"))
-from collect import collect, main  # noqa: E402
 
 
 def _point(folder: Path, overrides: list[str], **summary: float | None) -> None:
@@ -32,7 +31,7 @@ def test_collect_sorts_by_val_loss_and_shows_varied_overrides(tmp_path: Path, ca
     columns, rows = collect(tmp_path)
     assert columns[:2] == ["point", "optim.lr"] and "experiment" not in columns  # only what varies
     assert [r["point"] for r in rows] == ["1", "0", "2"]
-    main([str(tmp_path)])
+    write_results(tmp_path)
     md = capsys.readouterr().out
     assert md.splitlines()[0].startswith("| point | optim.lr | val_loss")
     assert md.index("| 1 | 0.003 | 3.1") < md.index("| 0 | 0.001 | 3.5")
