@@ -19,17 +19,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from cgpt.config import ModelConfig  # noqa: E402
-from cgpt.data.datamodule import PackedDataModule  # noqa: E402
-from cgpt.data.shards import TOKEN_DTYPE, DatasetMeta, ShardWriter  # noqa: E402
-from cgpt.data.stream import PackedStream  # noqa: E402
-from cgpt.hardware import GPU_BF16_PEAK_FLOPS  # noqa: E402
+from cgpt.config import ModelConfig
+from cgpt.data.datamodule import PackedDataModule
+from cgpt.data.shards import TOKEN_DTYPE, DatasetMeta, ShardWriter
+from cgpt.data.stream import PackedStream
+from cgpt.hardware import GPU_BF16_PEAK_FLOPS
 
 GOAL = 20.0
 

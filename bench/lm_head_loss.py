@@ -14,18 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from cgpt.lm_head import chunk_tokens, linear_cross_entropy  # noqa: E402
+from cgpt.lm_head import chunk_tokens, linear_cross_entropy
 
 
 def _sync(device: torch.device) -> None:

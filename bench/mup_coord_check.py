@@ -11,15 +11,10 @@ step. muP curves stay flat across widths; SP curves climb. A table of the last s
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from cgpt.mup import coord_check, plot_coord_check  # noqa: E402
-from cgpt.presets import MUP_BASE_LR  # noqa: E402
+from cgpt.mup import coord_check, plot_coord_check
+from cgpt.presets import MUP_BASE_LR
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,17 +34,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO_ROOT))
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
-
-from cgpt.callbacks import ProgressPrinter, RunSummary, ThroughputMonitor  # noqa: E402
-from cgpt.config import ModelConfig  # noqa: E402
-from cgpt.hardware import (  # noqa: E402
+from cgpt.callbacks import ProgressPrinter, RunSummary, ThroughputMonitor
+from cgpt.config import ModelConfig
+from cgpt.hardware import (
     default_fused_loss,
     gpu_table_peak,
     peak_flops,
@@ -53,8 +49,8 @@ from cgpt.hardware import (  # noqa: E402
     resolve_fused_loss,
     resolve_precision,
 )
-from cgpt.lit_module import CerebrasGPTModule  # noqa: E402
-from cgpt.optim import build_optimizer, build_scheduler  # noqa: E402
+from cgpt.lit_module import CerebrasGPTModule
+from cgpt.optim import build_optimizer, build_scheduler
 
 SHAPE_KEYS = ("n_layer", "d_model", "n_head", "d_ffn", "vocab_size")
 

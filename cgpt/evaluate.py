@@ -39,24 +39,11 @@ class TaskFormatError(ValueError):
 
 # --- models ----------------------------------------------------------------------------------
 def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """A :class:`cgpt.model.GPT` in eval mode from a cgpt ``.ckpt`` file, a run folder holding
-    ``checkpoints/last.ckpt``, a sharded checkpoint folder, or a Hugging Face checkpoint folder
-    (``config.json`` + weights)."""
-    path = Path(source)
-    if path.is_dir() and (path / "config.json").is_file():
-        try:
-            from cgpt.hf import from_hf
-        except ImportError as e:  # pragma: no cover - hf.py ships with cgpt
-            raise RuntimeError("loading a Hugging Face folder needs cgpt.hf") from e
-        model = from_hf(path)
-    else:
-        from cgpt.checkpoint import load_gpt
+    """A :class:`cgpt.model.GPT` in eval mode from any weights source (:func:`cgpt.weights.load_gpt`:
+    a cgpt ``.ckpt``, a run folder, a sharded checkpoint folder or a Hugging Face folder)."""
+    from cgpt.weights import load_gpt
 
-        if path.is_dir():  # a run folder, or a sharded (FSDP / DeepSpeed) checkpoint folder
-            path = next((c for c in (path / "checkpoints" / "last.ckpt", path / "last.ckpt") if c.is_file()), path)
-        elif not path.is_file():
-            raise FileNotFoundError(f"{source}: no such checkpoint file or folder")
-        model = load_gpt(path)
+    model = load_gpt(source)
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device).eval()

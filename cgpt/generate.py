@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cgpt.config import GPT2_EOS_ID
 from cgpt.model import GPT
 
 
@@ -147,3 +148,54 @@ def generate(
             model.clear_kv_cache()
             model.train(was_training)
     return out[:, :t_now].clone()  # a normal tensor: usable in a later training step
+
+
+def complete(
+    model: GPT,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    use_cache: bool = True,
+) -> list[str]:
+    """Completions (the new text only) of ``prompts``, decoded as one left-padded batch."""
+    from cgpt.data.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    encoded = tok.encode_batch(prompts)
+    if any(len(e) == 0 for e in encoded):
+        raise ValueError("empty prompt: give every prompt at least one token of text")
+    if max(max(e) for e in encoded) >= model.config.vocab_size:
+        raise ValueError(f"the model's vocab ({model.config.vocab_size}) is smaller than the GPT-2 tokenizer's")
+    device = next(model.parameters()).device
+    longest = max(len(e) for e in encoded)
+    max_new_tokens = min(max_new_tokens, model.config.block_size - longest)
+    if max_new_tokens <= 0:
+        raise ValueError(
+            f"prompt of {longest} tokens leaves no room in the model's context ({model.config.block_size})"
+        )
+    idx = torch.full((len(prompts), longest), GPT2_EOS_ID, dtype=torch.long, device=device)
+    for i, e in enumerate(encoded):
+        idx[i, longest - len(e) :] = torch.tensor(e, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    eos = GPT2_EOS_ID if model.config.vocab_size > GPT2_EOS_ID else None
+    out = generate(
+        model,
+        idx,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_id=eos,
+        prompt_lengths=[len(e) for e in encoded],
+        use_cache=use_cache,
+        generator=generator,
+    )
+    texts = []
+    for row in out[:, longest:].tolist():
+        if eos is not None and eos in row:
+            row = row[: row.index(eos)]
+        texts.append(tok.decode(row))
+    return texts

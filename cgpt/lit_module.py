@@ -14,7 +14,7 @@ from cgpt.hardware import resolve_compile, resolve_fused_loss
 from cgpt.model import GPT
 from cgpt.optim import OptimConfig, SchedulerConfig, build_optimizer, build_scheduler
 from cgpt.presets import PRESETS
-from cgpt.strategies import clip_grad_norm, strategy_clips_gradients
+from cgpt.strategies import clip_grad_norm, clips_in_optimizer_step
 
 
 class CerebrasGPTModule(L.LightningModule):
@@ -83,14 +83,14 @@ class CerebrasGPTModule(L.LightningModule):
         if self.model is not None:
             return
         self.model = GPT(self.model_config)
-        # Where the generator stood when GPT initialised its weights; a strategy that has to redo that
-        # init (ZeRO-3 builds on empty shards) restores it, since LoRA's adapters draw from it next.
+        # Where the generator stood when GPT initialised its weights: reinitialize_weights() restores
+        # it, since LoRA's adapters draw from it next.
         cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
         self.rng_after_build = (torch.get_rng_state(), cuda)
         self.model.fused_loss = self.fused_loss
-        # Under ZeRO-3 the parameters are empty partitions here: the strategy loads init_from once
-        # the build is done (cgpt.strategies._reinit_partitioned).
-        partitioned = self._trainer is not None and getattr(self.trainer.strategy, "zero_stage_3", False)
+        # Built on empty partitions (DeepSpeed ZeRO-3's zero.Init): the strategy gathers them after the
+        # build and calls reinitialize_weights(), which loads init_from then.
+        partitioned = any(p.numel() == 0 for p in self.model.parameters())
         if self.init_from and not partitioned:
             from cgpt.init_from import load_weights
 
@@ -104,6 +104,30 @@ class CerebrasGPTModule(L.LightningModule):
         device = self.trainer.strategy.root_device if self._trainer is not None else None
         if resolve_compile(self.compile, device):
             self.model.compile()
+
+    def reinitialize_weights(self) -> None:
+        """Initialise the built model again exactly as :meth:`configure_model` did: GPT init from the
+        generator state right after the build, ``init_from`` weights, then fresh LoRA adapters.
+
+        A strategy that built the model on empty partitions (ZeRO-3) calls this on rank 0 with the
+        parameters gathered; the result equals what a single process builds from the same seed.
+        """
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            cpu_state, cuda_state = self.rng_after_build or (None, None)
+            if cpu_state is not None:
+                torch.set_rng_state(cpu_state)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state(cuda_state)
+            self.model.init_weights()
+            if self.init_from:
+                from cgpt.init_from import load_weights
+
+                load_weights(self.model, self.init_from)
+            from cgpt.lora import has_lora, reset_adapters
+
+            if has_lora(self.model):
+                reset_adapters(self.model)
 
     # --- steps ---------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -130,7 +154,7 @@ class CerebrasGPTModule(L.LightningModule):
 
         Each ``self.log`` costs a slow walk through Lightning's result collection (about 0.3 ms on a
         CPU), so the five per-step values are logged only when they are used: the CPU benchmark in
-        docs/notes/issue-8.md measured this as most of the framework's per-step overhead.
+        docs/design/cpu-training-speed.md measured this as most of the framework's per-step overhead.
         ``callback_metrics`` then hold the values of the latest logging step.
         """
         if self._trainer is None:
@@ -174,7 +198,7 @@ class CerebrasGPTModule(L.LightningModule):
         scaler is involved; without a scaler we clip directly. With an fp16 scaler, Lightning's
         own path runs (unscale first), and the optimizer is built unfused.
         """
-        if not gradient_clip_val or strategy_clips_gradients(self.trainer.strategy):
+        if not gradient_clip_val or clips_in_optimizer_step(self.trainer.strategy):
             return  # DeepSpeed clips inside its optimizer step (config gradient_clipping = gradient_clip_val)
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None or gradient_clip_algorithm == "value":
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -11,6 +11,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from cgpt.strategies import holds_full_model
+
 RUN_ID_FILE = "wandb_run_id"
 
 
@@ -80,7 +82,8 @@ class SampleLogger(L.Callback):
     far as a table (W&B ``log_text``; TensorBoard ``add_text``; other loggers: nothing).
 
     Generation uses the unwrapped model on rank 0 alone, so it runs only under strategies whose
-    ranks each hold the whole model (single device, DDP); sharded strategies skip it.
+    ranks each hold the whole model (:func:`cgpt.strategies.holds_full_model`: single device, DDP,
+    ZeRO-1/2); strategies that shard the parameters (FSDP, ZeRO-3) skip it.
     """
 
     def __init__(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.8, top_k: int | None = 50,
@@ -92,7 +95,7 @@ class SampleLogger(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or getattr(pl_module, "model", None) is None:
             return
-        if type(trainer.strategy).__name__ not in ("DDPStrategy", "SingleDeviceStrategy"):
+        if not holds_full_model(trainer.strategy):
             return
         targets = [lg for lg in trainer.loggers if type(lg).__name__ in ("WandbLogger", "TensorBoardLogger")]
         if not targets:

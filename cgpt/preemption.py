@@ -23,8 +23,8 @@ from typing import Any
 
 import lightning as L
 
-from cgpt.checkpoint import LAST
 from cgpt.slurm import requeue_job_id
+from cgpt.weights import LAST
 
 # Exit status of a run that stopped on a signal after saving its checkpoint (re-run to resume).
 EXIT_PREEMPTED = 3

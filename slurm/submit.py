@@ -10,20 +10,21 @@ Every argument except ``--dry-run`` is a Hydra override: ``slurm.*`` ones set th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "train"))
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
-from run import container  # noqa: E402  (sets CGPT_ROOT and sys.path like the training entry point)
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cgpt.config import ConfigError  # noqa: E402
-from cgpt.preflight import plan_batch  # noqa: E402
-from cgpt.slurm import SlurmConfig, check_resources, render_sbatch, submit  # noqa: E402
+from cgpt.config import ConfigError
+from cgpt.preflight import plan_batch
+from cgpt.slurm import SlurmConfig, check_resources, render_sbatch, submit
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("CGPT_ROOT", str(REPO_ROOT))  # what ${paths.root_dir} resolves to, as in train/pretrain.py
 
 TRAINER_KEYS = {"nodes": "num_nodes", "gpus_per_node": "devices"}
 
@@ -51,7 +52,7 @@ def compose_config(train: list[str], slurm: list[str]) -> DictConfig:
 
 def slurm_config(cfg: DictConfig, train: list[str]) -> tuple[SlurmConfig, list[str]]:
     """The SlurmConfig, and the trainer overrides that make the job's trainer match it."""
-    values: dict[str, Any] = container(cfg.slurm)
+    values: dict[str, Any] = OmegaConf.to_container(cfg.slurm, resolve=True)
     values.pop("dry_run", None)
     given = {o.split("=", 1)[0].lstrip("+"): o.split("=", 1)[1] for o in train if "=" in o}
     extra = []

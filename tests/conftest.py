@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# What the entry points set before composing: conf/paths resolves ${oc.env:CGPT_ROOT} (tests compose in-process).
+os.environ.setdefault("CGPT_ROOT", str(REPO_ROOT))
 CORPUS = REPO_ROOT / "data" / "corpus" / "shakespeare.jsonl.gz"
 
 

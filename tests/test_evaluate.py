@@ -262,12 +262,7 @@ def test_load_model_from_checkpoint(model, tmp_path):
 
 
 def test_evaluate_cli(model, tmp_path, small_val_dir, capsys):
-    import importlib.util
-
-    # loaded by path: "evaluate" is also the name of a Hugging Face package that lm-eval imports
-    spec = importlib.util.spec_from_file_location("cgpt_train_evaluate", ROOT / "train" / "evaluate.py")
-    evaluate_cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate_cli)
+    import cgpt.cli.evaluate as evaluate_cli
 
     run_dir = tmp_path / "run" / "checkpoints"
     run_dir.mkdir(parents=True)

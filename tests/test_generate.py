@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -194,9 +193,9 @@ def test_bad_arguments_are_refused() -> None:
 
 
 def test_generate_cli_completes_text(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    spec = importlib.util.spec_from_file_location("cgpt_generate_cli", REPO_ROOT / "train" / "generate.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    import cgpt.cli.generate as cli
+    from cgpt.generate import complete
+
     pytest.importorskip("transformers")
     from cgpt.hf import to_hf
 
@@ -204,9 +203,9 @@ def test_generate_cli_completes_text(tmp_path: Path, capsys: pytest.CaptureFixtu
     model = GPT(ModelConfig(n_layer=1, d_model=32, n_head=2, block_size=32))  # GPT-2 vocab
     hf_dir = to_hf(model, tmp_path / "hf")
     prompts = ["Hello world", "The Pile is a large"]
-    texts = cli.complete(model, prompts, max_new_tokens=5, temperature=0)
+    texts = complete(model, prompts, max_new_tokens=5, temperature=0)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
-    single = cli.complete(model, prompts[:1], max_new_tokens=5, temperature=0)
+    single = complete(model, prompts[:1], max_new_tokens=5, temperature=0)
     assert single[0] == texts[0]  # batching with left padding changes nothing
     args = [str(hf_dir), "--prompt", prompts[0], "--prompt", prompts[1], "--max-new-tokens", "5", "--temperature", "0"]
     assert cli.main(args) == 0

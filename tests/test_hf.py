@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -217,15 +216,14 @@ def test_export_writes_an_offline_tokenizer(tmp_path: Path) -> None:
 
 
 def _load_convert_cli():
-    spec = importlib.util.spec_from_file_location("cgpt_convert_cli", REPO_ROOT / "train" / "convert.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import cgpt.cli.convert
+
+    return cgpt.cli.convert
 
 
 def test_convert_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from cgpt.checkpoint import load_gpt
     from cgpt.lit_module import CerebrasGPTModule
+    from cgpt.weights import load_gpt
 
     cli = _load_convert_cli()
     model, src = _export(tmp_path, mup=True)

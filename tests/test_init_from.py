@@ -9,17 +9,10 @@ import pytest
 import torch
 
 from cgpt.config import ModelConfig
-from cgpt.init_from import (
-    TokenizerMismatchError,
-    WeightMismatchError,
-    check_tokenizer,
-    load_strict,
-    load_weights,
-    resolve_source,
-    source_model_config,
-)
+from cgpt.init_from import TokenizerMismatchError, check_tokenizer, load_weights
 from cgpt.lit_module import CerebrasGPTModule
 from cgpt.model import GPT
+from cgpt.weights import WeightMismatchError, load_strict, resolve_checkpoint, source_model_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,8 +49,9 @@ def _hf_logits(hf_dir: Path, idx: torch.Tensor) -> torch.Tensor:
 
 def test_pretrain_entry_point_reproduces_hf_logits_before_the_first_step(hf_dir, tiny_data_dir, tmp_path) -> None:
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
-    import train.run as run
+    from cgpt.training import pretrain_components
 
     with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
         cfg = compose(
@@ -65,7 +59,7 @@ def test_pretrain_entry_point_reproduces_hf_logits_before_the_first_step(hf_dir,
             overrides=[f"init_from={hf_dir}", f"data.dir={tiny_data_dir}", f"paths.output_dir={tmp_path}",
                        "experiment=smoke", "logger=none"],
         )  # fmt: skip
-    module, datamodule = run.pretrain_components(cfg)
+    module, datamodule = pretrain_components(OmegaConf.to_container(cfg, resolve=True))
     assert module.model_config.d_model == 32 and module.model_config.block_size == 64  # from the source
     module.configure_model()  # where the strategy builds the model; the weights load here
     idx = torch.randint(0, 50257, (2, 20))
@@ -107,7 +101,7 @@ def test_cgpt_checkpoint_loads_exactly_and_lora_is_merged(tmp_path, lora) -> Non
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
     src = _tiny_ckpt(ckpt, lora)
-    assert resolve_source(tmp_path / "run") == ("cgpt", ckpt)  # a run folder means its last.ckpt
+    assert resolve_checkpoint(tmp_path / "run") == ("file", ckpt)  # a run folder means its last.ckpt
     config = source_model_config(ckpt)
     model = GPT(config)
     load_weights(model, tmp_path / "run")

@@ -90,8 +90,8 @@ def test_bad_targets_are_refused() -> None:
 
 
 def test_merge_cli_writes_a_hf_folder_equal_to_base_plus_adapters(tmp_path) -> None:
+    from cgpt.cli.lora import main
     from cgpt.hf import from_hf
-    from cgpt.lora import main
 
     base = _model()
     ckpt = tmp_path / "base.ckpt"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_strategies import kill_after, losses, pretrain_args, run_script, weights
 
-from cgpt.checkpoint import is_complete_checkpoint, resume_checkpoint
+from cgpt.weights import is_complete_checkpoint, resume_checkpoint
 
 
 def test_resume_prefers_complete_last_then_newest_complete_step(tmp_path: Path) -> None:
@@ -36,7 +36,7 @@ def test_resume_prefers_complete_last_then_newest_complete_step(tmp_path: Path) 
 
 
 def test_atomic_dir_save_keeps_the_previous_checkpoint_when_the_save_fails(tmp_path: Path) -> None:
-    from cgpt.strategies import _atomic_dir_save
+    from cgpt.strategies.checkpoint_io import atomic_dir_save
 
     class OneProcess:
         is_global_zero = True
@@ -60,9 +60,9 @@ def test_atomic_dir_save_keeps_the_previous_checkpoint_when_the_save_fails(tmp_p
     path.mkdir()
     (path / "shard").write_text("old")
     with pytest.raises(RuntimeError):
-        _atomic_dir_save(OneProcess(), path, crash)
+        atomic_dir_save(OneProcess(), path, crash)
     assert (path / "shard").read_text() == "old"
-    _atomic_dir_save(OneProcess(), path, good)
+    atomic_dir_save(OneProcess(), path, good)
     assert (path / "shard").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 

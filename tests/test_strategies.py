@@ -31,8 +31,9 @@ TOL = 1e-5
 
 # --- unit: the builder ---------------------------------------------------------------------------
 def test_build_strategy_picks_the_cpu_path_and_validates() -> None:
-    from cgpt.strategies import CgptDDPStrategy, build_strategy
-    from cgpt.strategies_cpu import CPUFSDP2Strategy
+    from cgpt.strategies import build_strategy
+    from cgpt.strategies.cpu import CPUFSDP2Strategy
+    from cgpt.strategies.ddp import CgptDDPStrategy
 
     assert build_strategy({"name": "auto"}, "cpu") == "auto"
     assert isinstance(build_strategy({"name": "ddp", "activation_checkpointing": True}, "cpu"), CgptDDPStrategy)
@@ -51,7 +52,7 @@ def test_build_strategy_picks_the_cpu_path_and_validates() -> None:
 @needs_deepspeed
 def test_build_deepspeed_config_carries_stage_offload_and_buckets() -> None:
     from cgpt.strategies import build_strategy
-    from cgpt.strategies_cpu import CPUDeepSpeedStrategy
+    from cgpt.strategies.cpu import CPUDeepSpeedStrategy
 
     s = build_strategy(
         {"name": "deepspeed", "stage": 3, "offload_optimizer": True, "offload_parameters": True,
@@ -129,15 +130,14 @@ def kill_after(args: list[str], marker: Path, timeout: float = 400) -> None:
 
 
 def consolidate(*args: str) -> Path:
-    """train/consolidate.py in this process (its imports are already paid for)."""
-    spec = importlib.util.spec_from_file_location("consolidate_cli", REPO_ROOT / "train" / "consolidate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(list(args))
+    """train/consolidate.py's main in this process (its imports are already paid for)."""
+    from cgpt.cli.consolidate import main
+
+    return main(list(args))
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    from cgpt.checkpoint import load_gpt
+    from cgpt.weights import load_gpt
 
     return load_gpt(path).state_dict()
 
@@ -181,7 +181,7 @@ def test_same_first_loss_across_strategies_and_loss_decreases(runs: dict[str, Pa
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # the first test pays for the shared runs
 def test_sharded_checkpoints_are_complete_folders_and_keep_last_k(runs: dict[str, Path]) -> None:
-    from cgpt.checkpoint import is_complete_checkpoint, resume_checkpoint
+    from cgpt.weights import is_complete_checkpoint, resume_checkpoint
 
     for name, out in runs.items():
         ckpts = out / "checkpoints"
@@ -215,13 +215,13 @@ def test_consolidate_every_format_to_the_same_fp32_weights(runs: dict[str, Path]
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # the first test pays for the shared runs
 def test_init_from_a_sharded_run_folder_loads_its_consolidated_weights(runs: dict[str, Path]) -> None:
-    from cgpt.init_from import resolve_source, source_model_config, source_state_dict
+    from cgpt.weights import load_source, resolve_checkpoint, source_model_config
 
     ref = weights(runs["ddp"] / "checkpoints" / "last.ckpt")
     for name, out in runs.items():
-        assert resolve_source(out) == ("cgpt", out / "checkpoints" / "last.ckpt"), name
+        assert resolve_checkpoint(out)[1] == out / "checkpoints" / "last.ckpt", name
         assert source_model_config(out).name == "cerebras-gpt-tiny", name
-        got = source_state_dict(out)  # FSDP / DeepSpeed folders are consolidated in memory
+        got = load_source(out)[1]  # FSDP / DeepSpeed folders are consolidated in memory
         for k in ref:
             torch.testing.assert_close(got[k].float(), ref[k], atol=1e-4, rtol=1e-3, msg=f"{name}: {k}")
 
@@ -275,7 +275,7 @@ def test_resume_under_another_strategy_from_a_consolidated_checkpoint(
 
 def test_compile_prefixes_never_reach_a_checkpoint(tmp_path: Path) -> None:
     from cgpt.lit_module import CerebrasGPTModule
-    from cgpt.strategies import consolidate_checkpoint
+    from cgpt.weights import consolidate_checkpoint
 
     module = CerebrasGPTModule(model={"name": "cerebras-gpt-tiny"}, compile=True)
     module.configure_model()  # compiles in place
@@ -294,8 +294,7 @@ def test_compile_prefixes_never_reach_a_checkpoint(tmp_path: Path) -> None:
 def test_lora_trains_the_same_under_ddp_fsdp_and_zero3(tiny_data_dir: Path, tmp_path: Path) -> None:
     """LoRA with a frozen base: the same losses under every strategy, adapters move, the base does not;
     from init_from weights too."""
-    from cgpt.checkpoint import model_state_dict
-    from cgpt.strategies import consolidate_checkpoint
+    from cgpt.weights import consolidate_checkpoint, gpt_state_dict
 
     names = ["ddp", "fsdp"] + (["deepspeed_stage_3"] if HAS_DEEPSPEED else [])
     finals = {}
@@ -303,7 +302,9 @@ def test_lora_trains_the_same_under_ddp_fsdp_and_zero3(tiny_data_dir: Path, tmp_
         out = tmp_path / name
         train(tiny_data_dir, out, name, 2, "lora=attention", "optim.lr=0.01")
         ckpts = out / "checkpoints"
-        first, last = (model_state_dict(consolidate_checkpoint(ckpts / f)) for f in ("step0000004.ckpt", "last.ckpt"))
+        first, last = (
+            gpt_state_dict(consolidate_checkpoint(ckpts / f)["state_dict"]) for f in ("step0000004.ckpt", "last.ckpt")
+        )
         adapters = [k for k in last if ".lora_" in k]
         assert adapters and all(".attn." in k for k in adapters), (name, adapters)
         assert all(last[k].abs().max() > 0 for k in adapters if k.endswith("lora_B")), name  # B starts at 0

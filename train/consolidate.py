@@ -9,68 +9,7 @@ The output loads with ``cgpt.checkpoint.load_gpt(path)``, resumes training under
 initialises new runs with ``init_from=<path>``.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
-import sys
-from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-import torch  # noqa: E402
-
-from cgpt.checkpoint import load_gpt, resume_checkpoint  # noqa: E402
-from cgpt.strategies import checkpoint_format, consolidate_checkpoint  # noqa: E402
-
-
-def resolve(source: str) -> Path:
-    """A checkpoint path, or a run folder's (or checkpoints folder's) resume checkpoint."""
-    path = Path(source).expanduser()
-    if path.is_dir() and not (path / ".metadata").exists() and not (path / "latest").exists():
-        for folder in (path / "checkpoints", path):
-            found = resume_checkpoint(folder)
-            if found:
-                return found
-        raise SystemExit(f"{source}: no complete checkpoint found (looked for checkpoints/last.ckpt and step*.ckpt)")
-    if not path.exists():
-        raise SystemExit(f"{source} does not exist")
-    return path
-
-
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a .ckpt file, an FSDP/DeepSpeed checkpoint folder, or a run folder")
-    parser.add_argument("--out", help="output file (default: <checkpoint>.consolidated.ckpt next to it)")
-    parser.add_argument("--weights-only", action="store_true", help="drop optimizer and training state")
-    parser.add_argument("--hf", metavar="DIR", help="also export a Hugging Face GPT2LMHeadModel folder here")
-    args = parser.parse_args(argv)
-
-    src = resolve(args.checkpoint)
-    out = Path(args.out) if args.out else src.with_name(src.name.removesuffix(".ckpt") + ".consolidated.ckpt")
-    ckpt = consolidate_checkpoint(src)
-    if args.weights_only:
-        keep = ("state_dict", "hyper_parameters", "global_step", "cgpt_consolidated")
-        ckpt = {k: v for k, v in ckpt.items() if k in keep}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, out)
-    n = sum(v.numel() for k, v in ckpt["state_dict"].items() if not k.endswith("lm_head.weight"))
-    info = ckpt["cgpt_consolidated"]
-    print(f"{checkpoint_format(src)} checkpoint {src} (step {ckpt.get('global_step')}) -> {out}: "
-          f"{len(ckpt['state_dict'])} fp32 tensors, {n / 1e6:.2f}M parameters, optimizer state "
-          f"{'kept' if info['optimizer'] and not args.weights_only else 'dropped'}", flush=True)  # fmt: skip
-    if args.hf:
-        try:
-            from cgpt.hf import to_hf
-        except ImportError as e:
-            raise SystemExit(f"--hf needs cgpt.hf ({e}); the consolidated checkpoint is at {out}") from e
-        print(f"Hugging Face model: {to_hf(load_gpt(out), args.hf)}", flush=True)
-    return out
-
+from cgpt.cli.consolidate import main
 
 if __name__ == "__main__":
     main()

@@ -1,16 +1,23 @@
-"""Pretrain a Cerebras-GPT model: `python train/pretrain.py [overrides]` (see README)."""
+"""Pretrain a Cerebras-GPT model: `python train/pretrain.py [overrides]` (see docs/pretraining.md)."""
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
-from run import REPO_ROOT, fit
+from pathlib import Path
+
+from cgpt.startup import prepare_entry_point
+
+prepare_entry_point(root=Path(__file__).resolve().parents[1])  # before the heavy imports: holds SLURM's USR1
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from cgpt.training import fit, pretrain_components  # noqa: E402
 
 
-@hydra.main(config_path=str(REPO_ROOT / "conf"), config_name="pretrain", version_base="1.3")
+@hydra.main(config_path="../conf", config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Returns the final validation loss (what Hydra sweepers optimise)."""
-    return fit(cfg)["val_loss"]
+    return fit(OmegaConf.to_container(cfg, resolve=True), pretrain_components)["val_loss"]
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
-from cgpt.strategies import CgptDeepSpeedStrategy, FSDP2Strategy
+from cgpt.strategies.deepspeed import CgptDeepSpeedStrategy
+from cgpt.strategies.fsdp import FSDP2Strategy
 
 
 class CPUFSDP2Strategy(FSDP2Strategy):

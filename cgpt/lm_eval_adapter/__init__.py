@@ -125,18 +125,5 @@ class CgptLM(_LMBase):
 if _register_model is not None:
     from lm_eval.api.registry import MODEL_REGISTRY
 
-    if "cgpt" not in MODEL_REGISTRY:  # `python -m` runs this file as __main__ besides any import of it
+    if "cgpt" not in MODEL_REGISTRY:  # imported twice (e.g. by a test re-import) registers once
         _register_model("cgpt")(CgptLM)
-
-
-def main() -> None:
-    """lm-eval's command line with the ``cgpt`` model registered."""
-    try:
-        from lm_eval.__main__ import cli_evaluate
-    except ImportError:
-        raise SystemExit("lm-evaluation-harness is not installed: pip install lm-eval") from None
-    cli_evaluate()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,72 @@
+"""What an entry point does before its heavy imports: hold SLURM's early signals, quiet known noise.
+
+Only the standard library is imported here, so an entry point can call :func:`hold_signals` in its
+first lines, before torch and Lightning take seconds to import.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import warnings
+
+_HELD: list[int] = []
+_HOLDABLE = ("SIGUSR1",)
+
+
+def hold_signals() -> None:
+    """Remember SLURM's USR1 (time limit near) instead of dying from it during start-up.
+
+    :class:`cgpt.preemption.PreemptionHandler` acts on a held signal at the first training step
+    (:func:`cgpt.training.build` hands them over); a run without preemption handling restores the
+    default action.
+    """
+    for name in _HOLDABLE:
+        signal.signal(getattr(signal, name), lambda signum, _frame: _HELD.append(signum))
+
+
+def held_signals() -> list[int]:
+    """The signals received since :func:`hold_signals`, oldest first."""
+    return list(_HELD)
+
+
+def release_signals() -> None:
+    """Give the held signals their default action back (a run that does not handle preemption)."""
+    for name in _HOLDABLE:
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
+
+
+def quiet_third_party() -> None:
+    """Silence third-party messages a cgpt user cannot act on; never warnings about their own config.
+
+    - Lightning hints "srun is available but not used" wherever the SLURM client is installed;
+      outside a job (a laptop or login node) that is noise. Inside a job it stays.
+    """
+    if "SLURM_JOB_ID" not in os.environ:
+        warnings.filterwarnings("ignore", message="The `srun` command is available")
+
+
+def follow_output_dir(argv: list[str]) -> list[str]:
+    """``argv`` with ``hydra.run.dir`` set to an overridden ``paths.output_dir``.
+
+    The composed config's record (``<run dir>/hydra/``) belongs beside the run's outputs; without
+    this, ``paths.output_dir=/runs/x`` trains into ``/runs/x`` but records the config under
+    ``outputs/<run_name>/hydra/``, where runs of the same name overwrite each other's record.
+    Multirun points keep one folder each (``hydra.sweep``), so they are left alone.
+    """
+    if any(a in ("-m", "--multirun") for a in argv) or any(a.startswith("hydra.run.dir=") for a in argv):
+        return list(argv)
+    given = [a.split("=", 1)[1] for a in argv if a.startswith(("paths.output_dir=", "++paths.output_dir="))]
+    return list(argv) + [f"hydra.run.dir={given[-1]}"] if given else list(argv)
+
+
+def prepare_entry_point(root: str | os.PathLike) -> None:
+    """The first call of a training entry point: hold early signals, quiet known noise, point the
+    configs' ``${oc.env:CGPT_ROOT}`` at the project ``root`` (unless set), and make Hydra's record
+    of the config follow ``paths.output_dir`` (rewrites ``sys.argv`` in place)."""
+    import sys
+
+    hold_signals()
+    quiet_third_party()
+    os.environ.setdefault("CGPT_ROOT", str(root))
+    sys.argv[:] = follow_output_dir(sys.argv)

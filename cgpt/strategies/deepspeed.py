@@ -1,0 +1,104 @@
+"""DeepSpeed ZeRO 1/2/3 through Lightning's DeepSpeedStrategy, with optional optimizer/parameter offload."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Generator
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from torch import nn
+
+from cgpt.config import ConfigError
+from cgpt.strategies.activation_checkpointing import apply_activation_checkpointing
+from cgpt.strategies.checkpoint_io import atomic_dir_save, remove_checkpoint
+
+TUNING_KEYS = ("allgather_bucket_size", "reduce_bucket_size", "overlap_comm", "contiguous_gradients", "sub_group_size")
+
+
+def deepspeed_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    """DeepSpeedStrategy arguments from a ``deepspeed`` strategy config."""
+    kwargs: dict[str, Any] = {
+        "stage": config["stage"],
+        "offload_optimizer": bool(config.get("offload_optimizer", False)),
+        "offload_parameters": bool(config.get("offload_parameters", False)),
+    }
+    for key in TUNING_KEYS:
+        if config.get(key) is not None:
+            kwargs[key] = int(config[key]) if key.endswith("size") else config[key]
+    if config.get("process_group_backend"):
+        kwargs["process_group_backend"] = config["process_group_backend"]
+    return kwargs
+
+
+class CgptDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeed, plus: per-Block activation checkpointing, DeepSpeedCPUAdam when the
+    optimizer is offloaded (DeepSpeed requires it), atomic checkpoint folders, and the ZeRO-3
+    re-initialisation of a model built on empty partitions.
+
+    Under ZeRO-3, ``deepspeed.zero.Init`` partitions each submodule's parameters as soon as it is
+    built, so the model's own initialisation saw empty shards. After the build, the strategy gathers
+    the parameters and asks the LightningModule to initialise them again on rank 0 (which then
+    broadcasts), through the module's ``reinitialize_weights()`` hook: the module owns what its
+    initialisation is (GPT init, ``init_from`` weights, LoRA adapters).
+    """
+
+    strategy_name = "cgpt_deepspeed"
+
+    def __init__(self, *args: Any, activation_checkpointing: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.activation_checkpointing = activation_checkpointing
+
+    @contextlib.contextmanager
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        # Entered again by trainer.validate()/test() after fit: only a model built here is re-initialised.
+        built_here = getattr(self.lightning_module, "model", None) is None
+        with super().model_sharded_context():
+            yield
+        if self.zero_stage_3 and built_here:
+            self._reinitialize_partitioned()
+
+    def _reinitialize_partitioned(self) -> None:
+        import deepspeed
+
+        module = self.lightning_module
+        hook = getattr(module, "reinitialize_weights", None)
+        model = getattr(module, "model", None)
+        if hook is None or model is None:
+            return
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+            if self.global_rank == 0:
+                hook()
+
+    def _setup_model_and_optimizer(self, model: nn.Module, optimizer: Any, lr_scheduler: Any = None) -> Any:
+        if self.activation_checkpointing and getattr(self.lightning_module, "model", None) is not None:
+            apply_activation_checkpointing(self.lightning_module.model)
+        if optimizer is not None and self.config.get("zero_optimization", {}).get("offload_optimizer"):
+            optimizer = _to_cpu_adam(optimizer, lr_scheduler)
+        return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        save = super().save_checkpoint
+        atomic_dir_save(self, filepath, lambda tmp: save(checkpoint, tmp))
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        remove_checkpoint(self, filepath)
+
+
+def _to_cpu_adam(optimizer: torch.optim.Optimizer, lr_scheduler: Any = None) -> torch.optim.Optimizer:
+    """The same AdamW (param groups, lr scales, betas, eps, decoupled weight decay) as DeepSpeedCPUAdam,
+    with the lr scheduler re-pointed at it."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    if not isinstance(optimizer, torch.optim.AdamW):
+        raise ConfigError(f"ZeRO offload converts AdamW to DeepSpeedCPUAdam; got {type(optimizer).__name__}")
+    d = optimizer.defaults
+    groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach", "capturable", "differentiable")}
+              for g in optimizer.param_groups]  # fmt: skip
+    cpu_adam = DeepSpeedCPUAdam(
+        groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"], adamw_mode=True
+    )
+    if lr_scheduler is not None:
+        lr_scheduler.optimizer = cpu_adam
+    return cpu_adam

@@ -1,0 +1,258 @@
+"""Build and run a training job from one plain config dict: the library's front door.
+
+The dict is what ``train/pretrain.py`` / ``train/finetune.py`` compose with Hydra and resolve
+(``conf/pretrain.yaml``: ``model``, ``data``, ``optim``, ``scheduler``, ``trainer``, ``strategy``,
+``callbacks``, ``logger``, ``paths``, ...), so a job runs the same from Python without Hydra::
+
+    from cgpt.training import fit
+    summary = fit(config)            # config: a dict as conf/pretrain.yaml composes it
+
+Objects named by ``_target_`` (callbacks, logger) are built by :func:`instantiate`. Importing this
+module has no side effects: signals and warning filters are the entry point's (:mod:`cgpt.startup`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from cgpt.callbacks import RunSummary
+from cgpt.checkpoint import AtomicCheckpointIO
+from cgpt.hardware import resolve_precision
+from cgpt.loggers import SampleLogger
+from cgpt.preemption import PreemptionHandler
+from cgpt.preflight import check_run, plan_batch
+from cgpt.slurm import check_environment
+from cgpt.startup import held_signals, release_signals
+from cgpt.strategies import build_strategy
+from cgpt.weights import resume_checkpoint
+
+Components = Callable[[dict[str, Any]], tuple[Any, Any]]
+
+
+def instantiate(spec: dict[str, Any] | None) -> Any:
+    """Call ``spec["_target_"]`` (a dotted path) with the other keys; None for a null target."""
+    if not spec or not spec.get("_target_"):
+        return None
+    module_name, _, attr = spec["_target_"].rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"_target_={spec['_target_']!r} cannot be imported: {e}") from e
+    return target(**{k: v for k, v in spec.items() if k != "_target_"})
+
+
+def model_dict(config: dict[str, Any]) -> dict[str, Any]:
+    """The model config: the ``model`` group, or the architecture of ``init_from`` when it is set."""
+    if not config.get("init_from"):
+        return dict(config["model"])
+    from cgpt.weights import source_model_config
+
+    return source_model_config(config["init_from"]).to_dict()
+
+
+def _module_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": model_dict(config),
+        "optim": config.get("optim") or {},
+        "scheduler": config.get("scheduler") or {},
+        "compile": config.get("compile", False),
+        "lora": config.get("lora") or None,
+        "fused_loss": config.get("fused_loss", "auto"),
+    }
+
+
+def _print_tokenizer_notes(source: str, tokenizer: str, vocab_size: int, eos_id: int) -> None:
+    from cgpt.init_from import check_tokenizer
+
+    for note in check_tokenizer(source, tokenizer, vocab_size, eos_id):
+        print(f"init_from: {note}", flush=True)
+
+
+def pretrain_components(config: dict[str, Any]) -> tuple[Any, Any]:
+    """The module and the packed-shard datamodule of pretraining (and continued pretraining)."""
+    from cgpt.data.datamodule import PackedDataModule
+    from cgpt.lit_module import CerebrasGPTModule
+
+    module = CerebrasGPTModule(**_module_kwargs(config))
+    module.set_init_from(config.get("init_from"))
+    d = config["data"]
+    datamodule = PackedDataModule(
+        data_dir=d["dir"], micro_batch_size=d["micro_batch_size"], num_workers=d["num_workers"],
+        seed=config["seed"], shard_url=d["shard_url"], val_batches=d["val_batches"], mix_shards=d.get("mix_shards", 4),
+    )  # fmt: skip
+    datamodule.validate(d["seq_len"], module.model_config.vocab_size, block_size=module.model_config.block_size)
+    if config.get("init_from"):
+        m = datamodule.meta
+        _print_tokenizer_notes(config["init_from"], m.tokenizer, m.vocab_size, m.eos_id)
+    return module, datamodule
+
+
+def finetune_components(config: dict[str, Any]) -> tuple[Any, Any]:
+    """The SFT module (weights from ``init_from``, optional LoRA) and the JSONL datamodule."""
+    from cgpt.config import ConfigError
+    from cgpt.data.sft import SFTDataModule
+    from cgpt.sft import SFTModule
+
+    module = SFTModule(**_module_kwargs(config))
+    module.set_init_from(config.get("init_from"))
+    d = config["data"]
+    block_size = module.model_config.block_size
+    max_seq_len = d["max_seq_len"] or block_size
+    if max_seq_len > block_size:
+        raise ConfigError(f"data.max_seq_len={max_seq_len} exceeds the model's context of {block_size}")
+    datamodule = SFTDataModule(
+        train_file=d["train_file"], max_seq_len=max_seq_len, val_file=d["val_file"], val_fraction=d["val_fraction"],
+        micro_batch_size=d["micro_batch_size"], pack=d["pack"], on_bad_record=d["on_bad_record"],
+        template=d["template"], seed=config["seed"], val_batches=d["val_batches"],
+    )  # fmt: skip
+    if config.get("init_from"):
+        tok = datamodule.tokenizer
+        _print_tokenizer_notes(config["init_from"], "gpt2", tok.vocab_size, tok.eos_id)
+    out = Path(config["paths"]["output_dir"])
+    sft = config["sft"]
+    module.set_samples(datamodule.sample_prompts(sft["num_samples"]), sft["max_new_tokens"], out / "samples.jsonl")
+    module.set_exports(config.get("export_hf"), out / "adapters.pt")
+    module.set_positions_per_row(datamodule.positions_per_row())  # tokens/s and MFU count real rows, not seq_len
+    return module, datamodule
+
+
+def build(
+    config: dict[str, Any], components: Components = pretrain_components
+) -> tuple[L.Trainer, Any, L.LightningDataModule, RunSummary]:
+    """Config dict -> (trainer, module, datamodule, summary writer). Nothing runs yet.
+
+    ``components(config) -> (module, datamodule)`` builds the pair to train (:func:`pretrain_components`,
+    :func:`finetune_components`); the datamodule needs ``seq_len`` and ``config["data"]`` the keys
+    ``micro_batch_size``/``global_batch_size``.
+    """
+    L.seed_everything(config["seed"], workers=True, verbose=False)
+    module, datamodule = components(config)
+    data_cfg = config["data"]
+    trainer_cfg = dict(config["trainer"])
+    max_steps = trainer_cfg.pop("max_steps") or module.recipe.max_steps
+    validate_every = trainer_cfg.pop("validate_every_steps")
+    plan = plan_batch(
+        data_cfg["global_batch_size"] or module.recipe.batch_size, data_cfg["micro_batch_size"],
+        trainer_cfg["devices"], trainer_cfg["num_nodes"],
+    )  # fmt: skip
+    check_environment(trainer_cfg["devices"], trainer_cfg["num_nodes"])  # srun tasks == devices x nodes
+    module.set_runtime(datamodule.seq_len, plan.global_batch_size)
+    trainer_cfg["precision"] = resolve_precision(trainer_cfg["precision"], trainer_cfg["accelerator"])
+    strategy_cfg = dict(config.get("strategy") or {"name": "auto"})
+    check_run(module.model_config, strategy_cfg, trainer_cfg, plan, datamodule.seq_len)  # before any process group
+    strategy = build_strategy(strategy_cfg, trainer_cfg["accelerator"], trainer_cfg["devices"],
+                              trainer_cfg["num_nodes"], plan.micro_batch_size)  # fmt: skip
+
+    out_dir = Path(config["paths"]["output_dir"])
+    resolved = dict(config)
+    resolved["resolved"] = {"max_steps": max_steps, "accumulate_grad_batches": plan.accumulate_grad_batches,
+                            "global_batch_size": plan.global_batch_size, "seq_len": datamodule.seq_len,
+                            "precision": trainer_cfg["precision"]}  # fmt: skip
+    summary = RunSummary(str(out_dir / "summary.json"), resolved)
+    callbacks = [instantiate(c) for c in (config.get("callbacks") or {}).values() if c is not None] + [summary]
+    if config.get("preemption"):  # checkpoint + requeue on SIGUSR1/SIGTERM (cgpt/preemption.py)
+        callbacks.append(PreemptionHandler(str(out_dir / "checkpoints"), **config["preemption"]))
+        for signum in held_signals()[:1]:
+            callbacks[-1].handle(signum)
+    else:
+        release_signals()
+    logger = instantiate(config.get("logger")) or False
+    sample = config.get("sample")
+    if logger and sample and sample.get("prompt"):  # a table of samples at each validation (W&B, TensorBoard)
+        callbacks.append(SampleLogger(sample["prompt"], sample["max_new_tokens"], sample["temperature"],
+                                      sample["top_k"], seed=config["seed"]))  # fmt: skip
+    trainer = L.Trainer(
+        **trainer_cfg,
+        max_steps=max_steps,
+        accumulate_grad_batches=plan.accumulate_grad_batches,
+        val_check_interval=validate_every * plan.accumulate_grad_batches,  # counted in micro-batches
+        check_val_every_n_epoch=None,
+        strategy=strategy,
+        plugins=[AtomicCheckpointIO(), *_cluster_plugins()],
+        callbacks=callbacks,
+        logger=logger,
+        default_root_dir=str(out_dir),
+    )
+    for lg in trainer.loggers:  # the whole resolved config (rank 0 only), not just the module's arguments
+        lg.log_hyperparams(resolved)
+    return trainer, module, datamodule, summary
+
+
+def _cluster_plugins() -> list[Any]:
+    """Under SLURM, Lightning's own requeue handler is off: cgpt.preemption is the one mechanism."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+def resume_point(config: dict[str, Any]) -> str | None:
+    """The checkpoint this run continues from: ``resume=auto`` -> the output folder's, a path -> it."""
+    resume = config.get("resume")
+    if resume == "auto":
+        found = resume_checkpoint(Path(config["paths"]["output_dir"]) / "checkpoints")
+        return str(found) if found else None
+    return str(resume) if resume else None
+
+
+def fit(config: dict[str, Any], components: Components = pretrain_components) -> dict[str, Any]:
+    """Train (resuming when the output folder has a checkpoint), validate at the end, write
+    summary.json, print the result and a sample. Returns the summary."""
+    trainer, module, datamodule, summary = build(config, components)
+    ckpt = resume_point(config)
+    if ckpt:
+        module.set_init_from(None)  # the checkpoint holds the weights (and optimizer, schedule, data position)
+    if ckpt and trainer.is_global_zero:
+        print(f"resuming from {ckpt}", flush=True)
+    elif module.init_from and trainer.is_global_zero:
+        print(f"initialising weights from {module.init_from} (fresh optimizer and schedule)", flush=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    if trainer.interrupted:
+        raise SystemExit("training was interrupted; re-run the same command to resume")
+    preemption = next((c for c in trainer.callbacks if isinstance(c, PreemptionHandler)), None)
+    if preemption is not None and preemption.stopped:
+        preemption.requeue_or_exit(trainer.is_global_zero)  # checkpoint saved: requeue and exit
+    if trainer.global_step and summary.last_val_step != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    text = _sample(config, module) if trainer.is_global_zero else None
+    result = summary.write(trainer, module, sample=text)
+    if trainer.is_global_zero:
+        entropy = datamodule.meta.extra.get("unigram_entropy") if hasattr(datamodule, "meta") else None
+        print(f"\nfinal: step {result['steps']}, train loss {result['train_loss']:.4f}, "
+              f"val loss {result['val_loss']:.4f} nats/token"
+              + (f" (unigram entropy of the corpus: {entropy:.3f})" if entropy else ""), flush=True)  # fmt: skip
+        print(f"summary: {summary.path}", flush=True)
+        if text:
+            print(f"\nsample:\n{text}\n", flush=True)
+    _close_process_group()
+    return result
+
+
+def _close_process_group() -> None:
+    """Tear the process group down while the interpreter is intact. Left to exit-time destructors,
+    gloo's worker threads can abort the process ("terminate called without an active exception")
+    after a run that succeeded."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def _sample(config: dict[str, Any], module: Any) -> str | None:
+    """A text sample from the trained model, for the console and summary.json."""
+    sample = config.get("sample")
+    if not (sample and sample.get("prompt")) or module.model is None:
+        return None
+    from cgpt.data.tokenizer import get_tokenizer
+    from cgpt.generate import generate
+
+    tok = get_tokenizer()
+    idx = torch.tensor([tok.encode(sample["prompt"])], device=module.device)
+    g = torch.Generator(device=module.device).manual_seed(config["seed"])
+    n = min(sample["max_new_tokens"], module.model_config.block_size - idx.size(1))
+    out = generate(module.model, idx, n, temperature=sample["temperature"], top_k=sample["top_k"], generator=g)
+    return tok.decode(out[0].tolist())
