@@ -1,4 +1,4 @@
-"""SFT data: templates, loss masks, packing isolation, bad-record reports."""
+"""SFT data (cgpt.data.sft) and loss (cgpt.sft): templates, loss masks, packing isolation, bad-record reports."""
 
 from __future__ import annotations
 
@@ -9,10 +9,7 @@ import pytest
 import torch
 
 from cgpt.config import ModelConfig
-from cgpt.data.tokenizer import get_tokenizer
-from cgpt.model import GPT
-from cgpt.sft import (
-    IGNORE_INDEX,
+from cgpt.data.sft import (
     BadRecordsError,
     ChatTemplate,
     SFTDataModule,
@@ -20,9 +17,12 @@ from cgpt.sft import (
     collate,
     load_examples,
     record_messages,
-    sft_loss,
     tokenize_messages,
 )
+from cgpt.data.tokenizer import get_tokenizer
+from cgpt.lm_head import IGNORE_INDEX
+from cgpt.model import GPT
+from cgpt.sft import sft_loss
 
 TOK = get_tokenizer()
 
