@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from cgpt.config import ConfigError
+
 # Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, by substring of the CUDA device name.
 GPU_BF16_PEAK_FLOPS: dict[str, float] = {
     "H200": 989e12,
@@ -48,15 +50,20 @@ def default_precision(accelerator: str | None = None) -> str:
 
 
 def resolve_precision(precision: str | int | None, accelerator: str | None = None) -> str:
-    """Turn ``auto``/``None`` into :func:`default_precision`; reject what the device lacks."""
+    """Turn ``auto``/``None`` into :func:`default_precision`; reject what the device lacks
+    (:class:`~cgpt.config.ConfigError`, saying what to use instead)."""
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but no CUDA device is visible; set trainer.accelerator=cpu"
+        )
     if precision in (None, "auto"):
         return default_precision(accelerator)
     p = str(precision)
     on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
-    if on_cpu and p in ("16-mixed", "16", "16-true"):
-        raise ValueError(f"trainer.precision={p}: fp16 is not supported on CPU; use bf16-mixed or 32-true")
+    if on_cpu and p.startswith("16"):
+        raise ConfigError(f"trainer.precision={p}: CPUs have no fp16 training; use bf16-mixed or 32-true")
     if not on_cpu and p.startswith("bf16") and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"trainer.precision={p}: this GPU has no bf16; use 16-mixed or 32-true")
+        raise ConfigError(f"trainer.precision={p}: this GPU has no bf16; use 16-mixed or 32-true")
     return p
 
 

@@ -67,46 +67,45 @@ def estimate_memory(
     num_nodes: int = 1,
 ) -> MemoryEstimate:
     """Per-device memory of training ``config`` with AdamW under ``strategy`` (a conf/strategy dict)."""
+    from cgpt.strategies.registry import offloaded, spec_for, validate_strategy_config
+
+    strategy = validate_strategy_config(strategy)
+    spec = spec_for(strategy)
     n = config.num_params()
     world = devices * num_nodes
-    name = strategy.get("name", "auto")
     half = str(precision).startswith(("bf16", "16"))
     true_half = str(precision).endswith("-true") and half
     act_bytes = 2 if half else 4
     ckpt = bool(strategy.get("activation_checkpointing"))
     # Defaults: DDP with fp32 weights and grads (autocast computes in 16-bit), AdamW's two fp32 moments.
     p_bytes, g_bytes, o_bytes = (2, 2, 8) if true_half else (4, 4, 8)
+    if spec.kind == "deepspeed":
+        # DeepSpeed bf16/fp16: 16-bit weights and grads on device, fp32 master copy in the optimizer state.
+        p_bytes, g_bytes, o_bytes = (2, 2, 12) if half else (4, 4, 8)
     params, grads, optim = n * p_bytes, n * g_bytes, n * o_bytes
+    # Sharded state is split over the ranks (HSDP: over one node's ranks; it replicates across nodes).
+    shard = devices if strategy.get("sharding") == "hybrid" else world
+    params /= shard if "parameters" in spec.shards else 1
+    grads /= shard if "gradients" in spec.shards else 1
+    optim /= shard if "optimizer" in spec.shards else 1
     buffers = 0.0
-    host = 0.0
-    if name == "fsdp":
-        shard = devices if strategy.get("sharding") == "hybrid" else world
-        params, grads, optim = params / shard, grads / shard, optim / shard
+    if spec.kind == "fsdp":
         # Two gathered blocks at a time (current + prefetch) plus the root (embeddings, head).
         per_block = 12 * config.d_model**2 + 2 * config.d_model * config.d_ffn - 8 * config.d_model**2
         gather = 2 if half and strategy.get("mixed_precision", True) else p_bytes
         buffers = (2 * per_block + (config.vocab_size + config.block_size) * config.d_model) * gather * 2
-    elif name == "deepspeed":
-        stage = int(strategy.get("stage", 2))
-        # DeepSpeed bf16/fp16: 16-bit weights and grads on device, fp32 master copy in the optimizer state.
-        p_bytes, g_bytes = (2, 2) if half else (4, 4)
-        o_bytes = 12 if half else 8
-        params, grads, optim = n * p_bytes, n * g_bytes, n * o_bytes
-        optim /= world
-        if stage >= 2:
-            grads /= world
-        if stage >= 3:
-            params /= world
+    elif spec.kind == "deepspeed":
+        if "parameters" in spec.shards:
             buffers = 2 * float(strategy.get("allgather_bucket_size") or 2e8) * p_bytes  # gathered prefetch
         else:
             buffers = float(strategy.get("reduce_bucket_size") or 2e8) * g_bytes
         buffers = min(buffers, n * g_bytes)
-        if strategy.get("offload_optimizer"):
-            host += optim
-            optim = 0.0
-        if strategy.get("offload_parameters"):
-            host += params
-            params = 0.0
+    host = 0.0
+    for state in offloaded(strategy):
+        if state == "optimizer":
+            host, optim = host + optim, 0.0
+        else:
+            host, params = host + params, 0.0
     acts = activation_bytes(config, micro_batch, seq_len, act_bytes, ckpt)
     return MemoryEstimate(params, grads, optim, acts, buffers, host, _describe(strategy))
 

@@ -7,8 +7,6 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from cgpt.config import ConfigError, ModelConfig
 
 if TYPE_CHECKING:
@@ -59,34 +57,22 @@ def check_run(
     when chosen, that the precision exists on the accelerator and suits the strategy, and that the
     estimated per-device memory fits (printed when ``verbose``). Returns the estimate.
     """
+    from cgpt.hardware import resolve_precision
     from cgpt.memory import GIB, device_memory_bytes, estimate_memory
-    from cgpt.strategies import validate_strategy_config
+    from cgpt.strategies import spec_for, validate_strategy_config
 
-    for key in ("offload_optimizer", "offload_parameters", "offload"):
-        if strategy.get(key) and strategy.get("name") != "deepspeed":
-            raise ConfigError(
-                f"strategy.{key} is only available with DeepSpeed: use strategy=deepspeed_stage_2_offload "
-                f"or deepspeed_stage_3_offload (got strategy.name={strategy.get('name')!r})"
-            )
     strategy = validate_strategy_config(strategy)
-    name = strategy["name"]
+    spec = spec_for(strategy)
     accelerator = trainer.get("accelerator", "auto")
-    precision = str(trainer.get("precision"))
-    on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
-    if not on_cpu and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+    precision = resolve_precision(trainer.get("precision"), accelerator)
+    if spec.precisions is not None and precision not in spec.precisions:
         raise ConfigError(
-            f"trainer.accelerator={accelerator} but no CUDA device is visible; set trainer.accelerator=cpu"
+            f"strategy={spec.name} supports trainer.precision {', '.join(spec.precisions)}; got {precision}"
         )
-    if on_cpu and precision.startswith("16"):
-        raise ConfigError(f"trainer.precision={precision}: CPUs have no fp16 training; use bf16-mixed or 32-true")
-    if not on_cpu and precision.startswith("bf16") and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"trainer.precision={precision}: this GPU has no bf16; use 16-mixed or 32-true")
-    if name == "fsdp" and precision not in ("32-true", "bf16-mixed", "bf16-true", "16-true"):
-        raise ConfigError(f"strategy=fsdp supports trainer.precision 32-true, bf16-mixed, bf16-true; got {precision}")
-    if name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+    if spec.kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("strategy=deepspeed_* needs DeepSpeed: pip install 'cgpt[deepspeed]'")
     world = plan.world_size
-    if name == "fsdp" and strategy.get("sharding") == "hybrid" and trainer.get("num_nodes", 1) < 2:
+    if spec.kind == "fsdp" and strategy.get("sharding") == "hybrid" and trainer.get("num_nodes", 1) < 2:
         raise ConfigError("strategy.sharding=hybrid replicates across nodes: it needs trainer.num_nodes >= 2")
     estimate = estimate_memory(
         model_config, strategy, precision, plan.micro_batch_size, seq_len,

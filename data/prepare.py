@@ -11,10 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from cgpt.data.prepare import prepare
 
-from cgpt.data.prepare import prepare  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_CORPUS = REPO_ROOT / "data" / "corpus" / "shakespeare.jsonl.gz"
 DEFAULT_OUT = REPO_ROOT / "data" / "prepared" / "shakespeare"

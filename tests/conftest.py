@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What the entry points set before composing: conf/paths resolves ${oc.env:CGPT_ROOT} (tests compose in-process).
 os.environ.setdefault("CGPT_ROOT", str(REPO_ROOT))
+
+
+def load_script(path: Path) -> ModuleType:
+    """An entry-point script (``slurm/submit.py``, ...) imported as a module, by path: scripts are
+    not a package, and no test puts a script folder on the import path."""
+    spec = importlib.util.spec_from_file_location(f"cgpt_script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 CORPUS = REPO_ROOT / "data" / "corpus" / "shakespeare.jsonl.gz"
 
 

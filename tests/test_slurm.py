@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from cgpt.config import ConfigError
 from cgpt.slurm import SlurmConfig, check_environment, check_resources, parse_time, render_sbatch, requeue_job_id
@@ -46,12 +47,7 @@ CASES = {
 
 
 def _submit_main():
-    sys.path.insert(0, str(REPO_ROOT / "slurm"))
-    try:
-        from submit import main
-    finally:
-        sys.path.remove(str(REPO_ROOT / "slurm"))
-    return main
+    return load_script(REPO_ROOT / "slurm" / "submit.py").main
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -49,5 +49,12 @@ def main(argv: list[str] | None = None) -> Path:
     return out
 
 
+
+def console() -> int:
+    """The ``cgpt-consolidate`` console script: exit status 0 once :func:`main` returns."""
+    main()
+    return 0
+
+
 if __name__ == "__main__":
     main()

@@ -80,5 +80,12 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+
+def console() -> int:
+    """The ``cgpt-evaluate`` console script: exit status 0 once :func:`main` returns."""
+    main()
+    return 0
+
+
 if __name__ == "__main__":
     main()
