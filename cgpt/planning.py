@@ -24,14 +24,12 @@ WARMUP_TOKENS = 375e6  # every published Cerebras-GPT run warms up over about 37
 
 # --- memory -----------------------------------------------------------------------------------
 # The strategies of conf/strategy/ (the fields cgpt.memory reads), for planning without Hydra.
-STRATEGIES: dict[str, dict[str, Any]] = {
-    "ddp": {"name": "ddp"},
-    "deepspeed_stage_1": {"name": "deepspeed", "stage": 1},
-    "deepspeed_stage_2": {"name": "deepspeed", "stage": 2},
-    "deepspeed_stage_2_offload": {"name": "deepspeed", "stage": 2, "offload_optimizer": True},
-    "deepspeed_stage_3": {"name": "deepspeed", "stage": 3},
-    "fsdp": {"name": "fsdp", "sharding": "full", "mixed_precision": True},
-}
+def strategy_configs() -> dict[str, dict[str, Any]]:
+    """The strategy dict of every registered strategy but ``auto`` (:data:`cgpt.strategies.SPECS`),
+    as ``conf/strategy/<name>.yaml`` sets it: the rows of the planner's memory table."""
+    from cgpt.strategies.registry import SPECS  # imports Lightning: only when memory is planned
+
+    return {name: spec.config() for name, spec in SPECS.items() if spec.kind != "auto"}
 
 
 def memory_per_device(
@@ -44,7 +42,7 @@ def memory_per_device(
     precision: str = "bf16-mixed",
 ) -> dict[str, float]:
     """Estimated bytes per device ``{"states", "activations", "total", "host"}`` of training
-    ``config`` with AdamW under ``strategy`` (a conf/strategy dict, e.g. ``STRATEGIES["fsdp"]``),
+    ``config`` with AdamW under ``strategy`` (a conf/strategy dict, e.g. ``strategy_configs()["fsdp"]``),
     from :func:`cgpt.memory.estimate_memory`."""
     from cgpt.memory import estimate_memory  # imports torch: only when memory is planned
 
@@ -192,7 +190,7 @@ def plan_training(
     world = gpus or 1
     plan.memory = {
         name: memory_per_device(config, strategy, world, micro_batch_size, t, activation_checkpointing)
-        for name, strategy in (strategies or STRATEGIES).items()
+        for name, strategy in (strategies or strategy_configs()).items()
     }
     if gpus:
         if not 0 < mfu <= 1:
@@ -326,7 +324,7 @@ def compare_published() -> str:
 
 def plan_cli(argv: list[str], strategies: dict[str, dict[str, Any]] | None = None, usage: str = "") -> int:
     """Parse ``argv`` (see :func:`parse_plan_args`), plan and print the plan (text or JSON) or, with
-    ``compare=true``, the published comparison. ``strategies`` defaults to :data:`STRATEGIES`."""
+    ``compare=true``, the published comparison. ``strategies`` defaults to :func:`strategy_configs`."""
     args = parse_plan_args(argv, usage)
     if args.pop("compare", False):
         print(compare_published())

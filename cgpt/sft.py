@@ -66,8 +66,17 @@ class SFTModule(CerebrasGPTModule):
 
     def on_train_end(self) -> None:
         """Export once training reached ``max_steps`` (not after an interruption). Rank 0 writes;
-        the model must be whole on it (single device, DDP); sharded runs convert the checkpoint."""
+        the model must be whole on it (:func:`cgpt.strategies.holds_full_model`); a run whose strategy
+        shards the parameters says how to export from its checkpoint instead."""
         if not self.trainer.is_global_zero or self.trainer.global_step < (self.trainer.max_steps or 0):
+            return
+        from cgpt.strategies import holds_full_model
+
+        if not holds_full_model(self.trainer.strategy):
+            if self.export_hf is not None or (self.lora and self.adapters_path is not None):
+                print("export skipped: this strategy shards the parameters, so rank 0 does not hold the model; "
+                      "export the final checkpoint with `python train/convert.py to-hf <run folder> <out dir>` "
+                      "(LoRA adapters are merged on the way)", flush=True)  # fmt: skip
             return
         if self.device.type == "cuda":
             print(f"peak GPU memory (rank 0): {torch.cuda.max_memory_allocated(self.device) / 1e9:.2f} GB", flush=True)

@@ -10,7 +10,7 @@ import pytest
 
 from cgpt.config import ConfigError, ModelConfig
 from cgpt.flops import flops_per_token, published_tokens, training_flops
-from cgpt.planning import STRATEGIES, memory_per_device, plan_training
+from cgpt.planning import memory_per_device, plan_training, strategy_configs
 from cgpt.presets import PUBLISHED_TRAIN_FLOPS
 from cgpt.scaling_law import PUBLISHED_LAW, FitError, fit_power_law, fit_table, law_loss, plot_fit, published_points
 
@@ -71,10 +71,10 @@ def test_custom_shape_takes_nearest_published_recipe():
 
 def test_memory_sharding_reduces_states():
     cfg = ModelConfig.from_name("1.3b")
-    mem = {k: memory_per_device(cfg, s, 64, 1, 2048) for k, s in STRATEGIES.items()}
+    mem = {k: memory_per_device(cfg, s, 64, 1, 2048) for k, s in strategy_configs().items()}
     assert mem["fsdp"]["states"] < mem["deepspeed_stage_2"]["states"] < mem["ddp"]["states"]
     assert mem["ddp"]["states"] >= 16 * cfg.num_params() * 0.99  # fp32 weights, grads, 2 Adam moments
-    ckpt = memory_per_device(cfg, STRATEGIES["ddp"], 64, 1, 2048, activation_checkpointing=True)
+    ckpt = memory_per_device(cfg, strategy_configs()["ddp"], 64, 1, 2048, activation_checkpointing=True)
     assert ckpt["activations"] < mem["ddp"]["activations"]
 
 

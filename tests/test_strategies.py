@@ -49,6 +49,20 @@ def test_build_strategy_picks_the_cpu_path_and_validates() -> None:
         build_strategy({"name": "megatron"}, "cpu")
 
 
+def test_every_strategy_config_file_is_a_registered_spec() -> None:
+    """conf/strategy/*.yaml and the registry describe the same strategies (name, stage, offload)."""
+    import yaml
+
+    from cgpt.strategies import SPECS, spec_for
+
+    files = {p.stem: yaml.safe_load(p.read_text()) for p in (REPO_ROOT / "conf" / "strategy").glob("*.yaml")}
+    assert sorted(files) == sorted(SPECS)
+    for name, config in files.items():
+        spec = spec_for(config)
+        assert spec.name == name, (name, spec)
+        assert {k: config.get(k, False) for k in spec.config()} == spec.config(), name
+
+
 @needs_deepspeed
 def test_build_deepspeed_config_carries_stage_offload_and_buckets() -> None:
     from cgpt.strategies import build_strategy

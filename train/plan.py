@@ -20,28 +20,12 @@ Arguments are key=value (Hydra-style, no Hydra needed; ``--key value`` works too
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-from typing import Any
 
-import yaml
-
-from cgpt.planning import STRATEGIES, plan_cli
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def conf_strategies() -> dict[str, dict[str, Any]]:
-    """The strategy dicts of conf/strategy/*.yaml (except auto), or the built-in table."""
-    found = {}
-    for path in sorted((REPO_ROOT / "conf" / "strategy").glob("*.yaml")):
-        data = yaml.safe_load(path.read_text()) or {}
-        if data.get("name") not in (None, "auto"):
-            found[path.stem] = data
-    return found or STRATEGIES
+from cgpt.planning import plan_cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    return plan_cli(sys.argv[1:] if argv is None else argv, strategies=conf_strategies(), usage=__doc__ or "")
+    return plan_cli(sys.argv[1:] if argv is None else argv, usage=__doc__ or "")
 
 
 if __name__ == "__main__":
