@@ -351,3 +351,87 @@ def test_lora_trains_the_same_under_ddp_fsdp_and_zero3(tiny_data_dir: Path, tmp_
         assert sorted(runs[name]) == sorted(runs["ddp"]), name
         for step, loss in runs["ddp"].items():
             assert abs(runs[name][step] - loss) < TOL, (name, step, runs[name][step], loss)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)  # the first test pays for the shared runs
+def test_every_weights_source_works_in_every_job_that_takes_a_model(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """One resolver (cgpt.weights.load_source) behind init_from, evaluate, generate, convert and
+    consolidate: each takes a .ckpt file, an FSDP folder, a DeepSpeed folder, a run folder, a Hugging
+    Face folder and a LoRA-trained checkpoint, and computes with that source's weights."""
+    import transformers
+
+    from cgpt.cli import consolidate as consolidate_cli
+    from cgpt.cli import convert as convert_cli
+    from cgpt.cli import evaluate as evaluate_cli
+    from cgpt.cli import generate as generate_cli
+    from cgpt.data.tokenizer import get_tokenizer
+    from cgpt.evaluate import evaluate_task
+    from cgpt.generate import complete
+    from cgpt.lit_module import CerebrasGPTModule
+    from cgpt.model import GPT
+    from cgpt.weights import load_gpt, source_model_config
+
+    task = REPO_ROOT / "tests" / "data" / "tiny_multiple_choice.jsonl"
+    last = {name: out / "checkpoints" / "last.ckpt" for name, out in runs.items()}
+    hf = tmp_path / "hf"
+    assert convert_cli.main(["to-hf", str(last["ddp"]), str(hf)]) == 0
+    torch.manual_seed(1)
+    lora = CerebrasGPTModule(model={"name": "cerebras-gpt-tiny"}, lora={"rank": 2, "targets": ["all"]})
+    lora.configure_model()
+    with torch.no_grad():
+        for n, p in lora.model.named_parameters():
+            if ".lora_" in n:
+                p.normal_(0, 0.05)  # adapters that change the outputs
+    torch.save({"state_dict": lora.state_dict(), "hyper_parameters": dict(lora.hparams)}, tmp_path / "lora.ckpt")
+    sources = {"ckpt file": last["ddp"], "fsdp folder": last["fsdp"], "run folder": runs["fsdp"], "hf folder": hf,
+               "lora checkpoint": tmp_path / "lora.ckpt"}  # fmt: skip
+    if HAS_DEEPSPEED:
+        sources["deepspeed folder"] = last["deepspeed_stage_3"]
+
+    # The resolver against an independent reading of a plain checkpoint file.
+    raw = torch.load(last["ddp"], map_location="cpu", weights_only=True)
+    plain = GPT(source_model_config(last["ddp"]))
+    plain.load_state_dict({k.removeprefix("model."): v for k, v in raw["state_dict"].items()})
+    idx = torch.randint(0, 50257, (2, 12))
+    torch.testing.assert_close(load_gpt(last["ddp"]).eval()(idx), plain.eval()(idx), rtol=0, atol=0)
+    lora.model.eval()
+    torch.testing.assert_close(load_gpt(tmp_path / "lora.ckpt").eval()(idx), lora.model(idx), rtol=1e-5, atol=1e-5)
+
+    tok = get_tokenizer()
+    for label, src in sources.items():
+        ref = load_gpt(src).eval()
+        with torch.no_grad():
+            expected = ref(idx)
+        # init_from
+        module = CerebrasGPTModule(model=source_model_config(src).to_dict())
+        module.set_init_from(str(src))
+        module.configure_model()
+        with torch.no_grad():
+            torch.testing.assert_close(module.model.eval()(idx), expected, rtol=1e-6, atol=1e-6, msg=label)
+        # evaluate
+        got = evaluate_cli.main(["--model", str(src), "--tasks", str(task), "--device", "cpu"])["tasks"]
+        (result,) = got.values()
+        want = evaluate_task(ref, tok, task, 8, None)
+        assert (result["acc"], result["acc_norm"]) == (want["acc"], want["acc_norm"]), label
+        # generate
+        capsys.readouterr()
+        assert generate_cli.main([str(src), "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "6"]) == 0
+        assert capsys.readouterr().out == "ROMEO:" + complete(ref, ["ROMEO:"], 6, temperature=0)[0] + "\n", label
+        # convert to Hugging Face
+        out = tmp_path / f"hf-{label.replace(' ', '-')}"
+        assert convert_cli.main(["to-hf", str(src), str(out), "--no-tokenizer"]) == 0, label
+        with torch.no_grad():
+            theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()(idx).logits
+        torch.testing.assert_close(theirs, expected, rtol=1e-4, atol=1e-4, msg=label)
+        # consolidate (a Hugging Face folder is not a training checkpoint: said so)
+        dst = tmp_path / f"{label.replace(' ', '-')}.ckpt"
+        if label == "hf folder":
+            with pytest.raises(SystemExit, match="Hugging Face folder"):
+                consolidate_cli.main([str(src), "--out", str(dst)])
+            continue
+        consolidate_cli.main([str(src), "--out", str(dst)])
+        with torch.no_grad():
+            torch.testing.assert_close(load_gpt(dst).eval()(idx), expected, rtol=1e-6, atol=1e-6, msg=label)

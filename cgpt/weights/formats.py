@@ -11,8 +11,10 @@ Formats (:func:`checkpoint_format`):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -166,7 +168,8 @@ def _consolidate_deepspeed(path: Path) -> dict[str, Any]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, get_model_state_file
 
     tag = (path / "latest").read_text().strip()
-    state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports its progress on stdout: keep a CLI's output clean
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
     stage = 3 if any((path / tag).glob("zero_pp_rank_*_mp_rank_*_model_states.pt")) else 2
     client = torch.load(get_model_state_file(str(path / tag), stage), map_location="cpu", weights_only=False)
     ds_keys = ("module", "optimizer", "lr_scheduler", "csr_tensor_module_names", "skipped_steps", "global_steps",
