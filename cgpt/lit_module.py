@@ -14,7 +14,7 @@ from cgpt.hardware import resolve_compile, resolve_fused_loss
 from cgpt.model import GPT
 from cgpt.optim import OptimConfig, SchedulerConfig, build_optimizer, build_scheduler
 from cgpt.presets import PRESETS
-from cgpt.strategies import clip_grad_norm, clips_in_optimizer_step
+from cgpt.strategies import clip_grad_norm, clipped_grad_norm, clips_in_optimizer_step
 
 
 class CerebrasGPTModule(L.LightningModule):
@@ -148,7 +148,7 @@ class CerebrasGPTModule(L.LightningModule):
             self.log("tokens_seen", torch.tensor((self.global_step + 1) * self.tokens_per_step, dtype=torch.float64))
         return loss
 
-    def _logging_step(self) -> bool:
+    def _logging_step(self, step: int | None = None) -> bool:
         """Whether the optimizer step being computed is one whose logged values are written
         (every ``trainer.log_every_n_steps`` and the last step).
 
@@ -159,7 +159,7 @@ class CerebrasGPTModule(L.LightningModule):
         """
         if self._trainer is None:
             return True
-        trainer, step = self._trainer, self.global_step + 1
+        trainer, step = self._trainer, self.global_step + 1 if step is None else step
         every = trainer.log_every_n_steps
         return bool(every) and step % every == 0 or (trainer.max_steps or 0) > 0 and step >= trainer.max_steps
 
@@ -206,6 +206,16 @@ class CerebrasGPTModule(L.LightningModule):
         norm = clip_grad_norm(self.parameters(), gradient_clip_val)  # sharded (FSDP2 DTensor) grads too
         if self._logging_step():
             self.log("grad_norm", norm)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Under DeepSpeed (which clips inside its step) log the pre-clip norm the step computed, on the
+        same row as DDP's: after the accumulation boundary, global_step counts the step just made."""
+        if not clips_in_optimizer_step(self.trainer.strategy) or self.trainer.fit_loop._should_accumulate():
+            return
+        if self._logging_step(self.global_step):
+            norm = clipped_grad_norm(self.trainer.strategy)
+            if norm is not None:
+                self.log("grad_norm", norm)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A consolidated DeepSpeed checkpoint has no optimizer state: resume with fresh Adam moments."""

@@ -13,7 +13,14 @@ Checkpoint formats and loading weights back are :mod:`cgpt.weights`'s: nothing h
 """
 
 from cgpt.strategies.activation_checkpointing import apply_activation_checkpointing
-from cgpt.strategies.build import build_strategy, clips_in_optimizer_step, holds_full_model, on_cpu, strategy_spec_of
+from cgpt.strategies.build import (
+    build_strategy,
+    clipped_grad_norm,
+    clips_in_optimizer_step,
+    holds_full_model,
+    on_cpu,
+    strategy_spec_of,
+)
 from cgpt.strategies.clipping import clip_grad_norm
 from cgpt.strategies.registry import KINDS, SPECS, StrategySpec, spec_for, validate_strategy_config
 
@@ -24,6 +31,7 @@ __all__ = [
     "apply_activation_checkpointing",
     "build_strategy",
     "clip_grad_norm",
+    "clipped_grad_norm",
     "clips_in_optimizer_step",
     "holds_full_model",
     "on_cpu",

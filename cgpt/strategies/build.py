@@ -78,3 +78,10 @@ def holds_full_model(strategy: Strategy) -> bool:
 def clips_in_optimizer_step(strategy: Strategy) -> bool:
     """True where the strategy clips gradients inside its own optimizer step (DeepSpeed)."""
     return strategy_spec_of(strategy).clips_in_optimizer_step
+
+
+def clipped_grad_norm(strategy: Strategy) -> torch.Tensor | None:
+    """The pre-clip gradient norm a strategy that clips inside its step computed last (else None)."""
+    from cgpt.strategies.deepspeed import CgptDeepSpeedStrategy
+
+    return strategy.last_grad_norm() if isinstance(strategy, CgptDeepSpeedStrategy) else None

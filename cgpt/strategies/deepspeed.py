@@ -78,6 +78,18 @@ class CgptDeepSpeedStrategy(DeepSpeedStrategy):
             optimizer = _to_cpu_adam(optimizer, lr_scheduler)
         return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
 
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Lightning's closure has already divided the loss by accumulate_grad_batches (as for DDP/FSDP);
+        # DeepSpeed's engine.backward would divide it by gradient_accumulation_steps once more, leaving
+        # gradients 1/accumulation too small, so clipping (and with it Adam's updates) acted differently.
+        kwargs.setdefault("scale_wrt_gas", False)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    def last_grad_norm(self) -> torch.Tensor | None:
+        """The pre-clip global gradient norm of the last optimizer step (known after ``engine.step()``)."""
+        norm = self.deepspeed_engine.get_global_grad_norm() if self.model is not None else None
+        return None if norm is None else torch.as_tensor(norm, dtype=torch.float32).detach()
+
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         save = super().save_checkpoint
         atomic_dir_save(self, filepath, lambda tmp: save(checkpoint, tmp))
