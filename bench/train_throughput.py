@@ -190,7 +190,7 @@ def run_plain(
 def run_cgpt(
     module: CerebrasGPTModule, data: Batches, args: argparse.Namespace, device: torch.device
 ) -> tuple[float, float]:
-    """cgpt's training path: the LightningModule under a Trainer set up like train/run.py."""
+    """cgpt's training path: the LightningModule under a Trainer set up like cgpt.training.build."""
     timer = StepTimer(args.warmup, args.steps)
     with tempfile.TemporaryDirectory(prefix="cgpt-bench-") as tmp:
         logger = L.pytorch.loggers.CSVLogger(tmp, name="csv") if args.logger == "csv" else False
@@ -211,7 +211,7 @@ def run_cgpt(
             callbacks=[
                 ThroughputMonitor(args.log_every, args.peak_flops),
                 ProgressPrinter(50, stream="stderr"),  # stdout carries the results
-                RunSummary(str(Path(tmp) / "summary.json")),  # train/run.py adds it; write() is not called here
+                RunSummary(str(Path(tmp) / "summary.json")),  # cgpt.training adds it; write() is not called here
                 timer,
             ],
             default_root_dir=tmp,

@@ -80,7 +80,7 @@ def precision_dtype(precision: str | int | None) -> torch.dtype:
 def default_fused_loss(device: torch.device | str) -> bool:
     """Whether the model's loss uses the fused chunked head (:mod:`cgpt.lm_head`) by default.
 
-    On CPUs it is about twice as fast as the head over full logits (docs/notes/issue-2.md). On
+    On CPUs it is about twice as fast as the head over full logits (docs/design/fused-lm-head.md). On
     CUDA the full-logits head is kept as the default, where ``torch.compile`` fuses the
     softmax: the fused head is unmeasured there (it still saves the logits' memory; switch it on
     with ``fused_loss=true``).
@@ -99,7 +99,7 @@ def default_compile(device: torch.device | str | None = None) -> bool:
     """Whether ``torch.compile`` is the default on ``device``: the one place this is decided.
 
     On CUDA it pays off (fused kernels, fewer launches). On CPUs it is off: see
-    docs/notes/issue-8.md for the measurement that decided it.
+    docs/design/cpu-training-speed.md for the measurement that decided it.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return device.type == "cuda"

@@ -6,7 +6,7 @@ backward. :func:`linear_cross_entropy` instead walks the tokens in chunks whose 
 CPU's cache, and computes the gradients of the head's input and weight in the same pass (the
 gradient of cross entropy is ``softmax - onehot``, known as soon as the softmax is), so nothing of
 size ``tokens x vocab`` is ever kept. The matmuls are the same three as before; the memory traffic
-is not. On 2 CPU cores this halves the head's time (bench/train_throughput.py, docs/notes/issue-2.md).
+is not. On 2 CPU cores this halves the head's time (bench/train_throughput.py, docs/design/fused-lm-head.md).
 
 :class:`LMHead` is an ``nn.Linear`` (same parameter name, ``lm_head.weight``) whose forward also
 takes the targets, so the loss runs inside the module call: FSDP and DeepSpeed ZeRO-3 gather the

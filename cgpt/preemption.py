@@ -1,12 +1,12 @@
 """Time limits and preemption: checkpoint at a step boundary on a signal, then requeue.
 
-The one mechanism for SLURM jobs (Lightning's own auto-requeue is switched off in train/run.py):
+The one mechanism for SLURM jobs (Lightning's own auto-requeue is switched off in cgpt.training):
 
 1. A signal (SIGUSR1 from ``sbatch --signal=USR1@N``, or SIGTERM) only sets a flag; nothing heavy
    runs inside the handler, so no collective is interrupted half-way.
 2. After the next optimizer step, all ranks agree (any rank signalled -> all stop), save
    ``<checkpoints>/last.ckpt`` atomically (AtomicCheckpointIO) and stop training.
-3. :meth:`PreemptionHandler.requeue_or_exit` (called by train/run.py once ``fit`` has returned and
+3. :meth:`PreemptionHandler.requeue_or_exit` (called by :func:`cgpt.training.fit` once ``fit`` has returned and
    the loggers are closed) runs ``scontrol requeue $SLURM_JOB_ID`` on rank 0 and exits. The requeued
    job runs the same command, which resumes from last.ckpt and continues the W&B run whose id is
    kept in the output folder. Outside SLURM it exits with :data:`EXIT_PREEMPTED`; re-running resumes.

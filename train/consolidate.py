@@ -4,7 +4,7 @@ one fp32 single-file checkpoint, and optionally export it to Hugging Face.
     python train/consolidate.py outputs/<run>                       # its resume checkpoint
     python train/consolidate.py outputs/<run>/checkpoints/last.ckpt --out model.ckpt --hf hf_model/
 
-The output loads with ``cgpt.checkpoint.load_gpt(path)``, resumes training under any strategy with
+The output loads with ``cgpt.weights.load_gpt(path)``, resumes training under any strategy with
 ``resume=<path>`` (step, schedule and data position continue; DeepSpeed's Adam moments restart) and
 initialises new runs with ``init_from=<path>``.
 """

@@ -7,7 +7,7 @@
     # a Hugging Face folder (e.g. a downloaded cerebras/Cerebras-GPT-111M) -> a cgpt checkpoint file
     python train/convert.py from-hf /path/to/Cerebras-GPT-111M cerebras-gpt-111m.ckpt
 
-The cgpt file loads with ``cgpt.checkpoint.load_gpt(path)`` and
+The cgpt file loads with ``cgpt.weights.load_gpt(path)`` and
 ``CerebrasGPTModule.load_from_checkpoint(path)``; to continue training from it, use it as the
 run's initial weights. muP models export as the equivalent standard GPT-2 (see ``cgpt.hf``).
 """
