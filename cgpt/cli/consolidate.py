@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cgpt.cli import exits_zero
 from cgpt.weights import atomic_save, consolidate_checkpoint, load_gpt, resolve_checkpoint
 
 
@@ -49,12 +50,7 @@ def main(argv: list[str] | None = None) -> Path:
     return out
 
 
-
-def console() -> int:
-    """The ``cgpt-consolidate`` console script: exit status 0 once :func:`main` returns."""
-    main()
-    return 0
-
+console = exits_zero(main)  # the cgpt-consolidate console script
 
 if __name__ == "__main__":
     main()

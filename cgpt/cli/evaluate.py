@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from cgpt.cli import exits_zero
 from cgpt.evaluate import TaskFormatError, evaluate_task, load_model, validation_loss
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -80,12 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-
-def console() -> int:
-    """The ``cgpt-evaluate`` console script: exit status 0 once :func:`main` returns."""
-    main()
-    return 0
-
+console = exits_zero(main)  # the cgpt-evaluate console script
 
 if __name__ == "__main__":
     main()
