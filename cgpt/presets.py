@@ -1,7 +1,7 @@
 """The Cerebras-GPT preset table: published shapes and training recipes, kept apart from logic.
 
 Sources: Dey et al. 2023 (arXiv 2304.03208), the Cerebras modelzoo configs and the published
-Hugging Face ``config.json`` files. See ``shared/docs/cerebras-gpt-reference.md``.
+Hugging Face ``config.json`` files of ``cerebras/Cerebras-GPT-*``.
 Each row gives the architecture (keys of :class:`cgpt.config.ModelConfig`) under ``model`` and the
 published recipe (keys of :class:`cgpt.config.TrainingDefaults`) under ``train``.
 """
@@ -138,7 +138,7 @@ for _size in ("tiny", "demo"):
         "train": {**PRESETS[f"cerebras-gpt-{_size}"]["train"], "lr": MUP_BASE_LR},
     }
 
-# Published Pile test losses (reference doc), for evaluation reports and scaling fits.
+# Published Pile test losses (Dey et al. 2023), for evaluation reports and scaling fits.
 PUBLISHED_PILE_LOSS: dict[str, float] = {
     "cerebras-gpt-111m": 2.608,
     "cerebras-gpt-256m": 2.349,
