@@ -6,6 +6,9 @@
   each ``--flag`` the table shows is in that help), Hydra entry points with ``--cfg job`` and the
   table's overrides (composes the config without training);
 - no page names or cites the old per-task notes;
+- every repository path (``cgpt/...py``, ``train/...py``, ``conf/...yaml``, ...) and every dotted
+  ``cgpt.module.name`` a page mentions exists (a rename in the code shows up here);
+- the README names every console script of ``pyproject.toml``;
 - the README has at most 300 lines.
 
 The checkers are plain functions, tested on small inputs below so that each can be seen to fail.
@@ -13,6 +16,7 @@ The checkers are plain functions, tested on small inputs below so that each can 
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shlex
@@ -113,6 +117,58 @@ def broken_links(page: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Names of code: paths and dotted cgpt names must exist
+
+CODE_PATH = re.compile(r"(?<![\w/.-])((?:cgpt|train|tests|conf|data|bench|slurm)/[\w./-]*\.(?:py|yaml))")
+DOTTED = re.compile(r"(?<![\w./-])(cgpt(?:\.\w+)+)")
+
+
+def top_level_names(path: Path) -> set[str]:
+    """Names a module defines or imports at its top level (what ``module.name`` may refer to)."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name))
+    return names
+
+
+def module_file(parts: list[str]) -> Path | None:
+    base = ROOT.joinpath(*parts)
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    return base / "__init__.py" if (base / "__init__.py").is_file() else None
+
+
+def stale_code_names(text: str) -> list[str]:
+    """Repository paths and dotted ``cgpt.`` names in ``text`` that do not exist."""
+    problems = []
+    for n, line in enumerate(text.splitlines(), 1):
+        for path in CODE_PATH.findall(line):
+            if not any(ch in path for ch in "*<{") and not (ROOT / path).exists():
+                problems.append(f"line {n}: {path} does not exist")
+        for dotted in DOTTED.findall(line):
+            parts = dotted.split(".")
+            depth = next((i for i in range(len(parts), 0, -1) if module_file(parts[:i])), 0)
+            if depth == 0:
+                problems.append(f"line {n}: {dotted}: no such module")
+            elif depth < len(parts) and parts[depth] not in top_level_names(module_file(parts[:depth])):
+                problems.append(f"line {n}: {dotted}: {'.'.join(parts[:depth])} has no {parts[depth]}")
+    return problems
+
+
+def console_scripts() -> list[str]:
+    """The ``[project.scripts]`` names of pyproject.toml (read as text: tomllib is Python 3.11+)."""
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    section = re.search(r"^\[project\.scripts\]\n(.*?)(?=^\[|\Z)", text, re.M | re.S)
+    return re.findall(r"^([\w-]+)\s*=", section.group(1), re.M) if section else []
+
+
+# ---------------------------------------------------------------------------------------------
 # The README's job table
 
 
@@ -189,6 +245,18 @@ def test_no_page_cites_the_old_per_task_notes(page: Path) -> None:
         if any(p.search(line) for p in FORBIDDEN)
     ]
     assert hits == []
+
+
+@pytest.mark.parametrize("page", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_code_path_and_cgpt_name_exists(page: Path) -> None:
+    assert stale_code_names(page.read_text(encoding="utf-8")) == []
+
+
+def test_readme_names_every_console_script() -> None:
+    scripts = console_scripts()
+    assert len(scripts) >= 6, scripts
+    readme = README.read_text(encoding="utf-8")
+    assert [s for s in scripts if f"`{s}`" not in readme] == []
 
 
 def test_readme_is_short() -> None:
@@ -313,6 +381,18 @@ def test_job_table_parsing_and_invocations() -> None:
     assert check_invocation(commands[1]) == ([sys.executable, "train/convert.py", "to-hf", "--help"], ["--dtype"])
     assert check_invocation(commands[3])[0][2:] == ["optim.lr=1e-3", "x=[1,2]", "--cfg", "job"]
     assert check_invocation(commands[2]) == ([sys.executable, "-m", "cgpt.lora", "merge", "--help"], ["--out"])
+
+
+def test_stale_code_names_are_caught() -> None:
+    text = (
+        "`train/run.py` and `cgpt/scaling.py` are gone; `cgpt.sft.ChatTemplate` moved; `cgpt.nowhere`.\n"
+        "`cgpt/weights/loading.py`, `cgpt.weights.load_gpt`, `cgpt.data.sft.ChatTemplate`, `conf/strategy/*.yaml`,\n"
+        "`cgpt.strategies.SPECS` and `cgpt.cli.convert` exist.\n"
+    )
+    problems = stale_code_names(text)
+    assert len(problems) == 4, problems
+    assert "train/run.py" in problems[0] and "cgpt/scaling.py" in problems[1]
+    assert "cgpt.sft has no ChatTemplate" in problems[2] and "cgpt has no nowhere" in problems[3]
 
 
 def test_forbidden_citations_are_caught() -> None:
