@@ -61,7 +61,7 @@ def resolve_precision(precision: str | int | None, accelerator: str | None = Non
     p = str(precision)
     on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
     if on_cpu and p.startswith("16"):
-        raise ConfigError(f"trainer.precision={p}: CPUs have no fp16 training; use bf16-mixed or 32-true")
+        raise ConfigError(f"trainer.precision={p}: fp16 is not supported on CPU; use bf16-mixed or 32-true")
     if not on_cpu and p.startswith("bf16") and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"trainer.precision={p}: this GPU has no bf16; use 16-mixed or 32-true")
     return p

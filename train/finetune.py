@@ -15,12 +15,12 @@ prepare_entry_point(root=Path(__file__).resolve().parents[1])  # before the heav
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from cgpt.training import finetune_components, fit  # noqa: E402
-
 
 @hydra.main(config_path="../conf", config_name="finetune", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Returns the final validation loss (what Hydra sweepers optimise)."""
+    from cgpt.training import finetune_components, fit  # here, so that --help and --cfg need no Lightning import
+
     return fit(OmegaConf.to_container(cfg, resolve=True), finetune_components)["val_loss"]
 
 

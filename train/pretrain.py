@@ -11,12 +11,12 @@ prepare_entry_point(root=Path(__file__).resolve().parents[1])  # before the heav
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from cgpt.training import fit, pretrain_components  # noqa: E402
-
 
 @hydra.main(config_path="../conf", config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Returns the final validation loss (what Hydra sweepers optimise)."""
+    from cgpt.training import fit, pretrain_components  # here, so that --help and --cfg need no Lightning import
+
     return fit(OmegaConf.to_container(cfg, resolve=True), pretrain_components)["val_loss"]
 
 
