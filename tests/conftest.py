@@ -71,7 +71,7 @@ def run_script(args: list[str], timeout: float = 300, env: dict[str, str] | None
 # CI installs every extra and starts a SLURM cluster, so a skip there means a broken environment or
 # a test that quietly stopped running. Only tests that need hardware CI does not have may skip; they
 # say so with a reason that starts with one of these.
-CI_MAY_SKIP = ("needs CUDA", "needs a GPU", "needs bf16")
+CI_MAY_SKIP = ("needs CUDA", "needs a CUDA", "needs a GPU", "needs bf16")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from cgpt.config import ModelConfig
 from cgpt.hf import HFConversionError, from_hf, to_hf
 from cgpt.model import GPT
 
-transformers = pytest.importorskip("transformers")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Random tiny shapes with Cerebras-GPT's settings (not only presets): odd widths, d_ffn != 4*d.

@@ -54,7 +54,6 @@ def _compose(overrides: list[str]):
 
 
 def test_slurm_launcher_config_runs_one_task_per_device() -> None:
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     cfg = _compose(["hydra/launcher=cgpt_slurm", "trainer.devices=8", "trainer.num_nodes=2", "run_name=sw"])
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["_target_"].endswith("SlurmLauncher")
@@ -63,7 +62,6 @@ def test_slurm_launcher_config_runs_one_task_per_device() -> None:
 
 
 def test_optuna_sweeper_config_composes() -> None:
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     cfg = _compose(["hydra/sweeper=cgpt_optuna", "experiment=smoke"])
     sweeper = OmegaConf.to_container(cfg.hydra.sweeper, resolve=True)
     assert sweeper["direction"] == "minimize" and sweeper["study_name"] == "smoke"
