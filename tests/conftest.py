@@ -20,6 +20,9 @@ import pytest
 
 if TYPE_CHECKING:
     import torch
+    import transformers
+
+    from cgpt.model import GPT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What the entry points set before composing: conf/paths resolves ${oc.env:CGPT_ROOT} (tests compose in-process).
@@ -186,3 +189,53 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     from cgpt.weights import load_gpt
 
     return load_gpt(path).state_dict()
+
+
+# --- evaluation: an independent reference ---------------------------------------------------------
+EVAL_CFG = dict(n_layer=2, d_model=64, n_head=4, d_ffn=256, block_size=64)  # the evaluation tests' model
+
+
+def to_hf(model: GPT) -> transformers.GPT2LMHeadModel:
+    """An independent copy into transformers' GPT2LMHeadModel (Conv1D weights are (in, out))."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.config
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=c.vocab_size,
+            n_positions=c.block_size,
+            n_embd=c.d_model,
+            n_layer=c.n_layer,
+            n_head=c.n_head,
+            n_inner=c.d_ffn,
+            activation_function="gelu",
+            layer_norm_epsilon=c.layer_norm_eps,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            tie_word_embeddings=True,
+        )  # fmt: skip
+    ).eval()
+    state = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            continue
+        transpose = k.endswith(".weight") and any(s in k for s in ("c_attn", "c_proj", "c_fc"))
+        state[k] = v.t().contiguous() if transpose else v
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all("attn.bias" in k or "masked_bias" in k or k == "lm_head.weight" for k in missing)
+    hf.tie_weights()
+    return hf
+
+
+def reference_loglikelihood(hf, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+    """One request at a time, no padding, no batching: the plainest possible computation."""
+    import torch
+    import torch.nn.functional as F
+
+    full = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logp = F.log_softmax(hf(full[:, :-1]).logits[0].double(), -1)
+    rows = logp[len(ctx) - 1 :]
+    target = torch.tensor(cont)
+    return rows[torch.arange(len(cont)), target].sum().item(), bool((rows.argmax(-1) == target).all())
