@@ -28,6 +28,7 @@ def load_bench():
     return module
 
 
+@pytest.mark.slow
 def test_cpu_benchmark_reports_sane_figures_without_hydra_or_webdataset(tmp_path):
     out = tmp_path / "result.json"
     argv = [str(SCRIPT), *TINY, "--steps", "5", "--warmup", "1", "--repeats", "1", "--log-every", "2"]
