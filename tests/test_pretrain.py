@@ -93,7 +93,7 @@ def test_bf16_trains_like_fp32_on_a_cpu_with_bf16(fp32_run, tiny_data_dir: Path,
     a, b = _step_losses(fp32), _step_losses(bf16)
     assert sorted(a) == sorted(b) == list(range(6))
     assert b[5] < b[0] - 0.05, b  # it learns
-    # Measured: MEASURE_ME; bf16 rounds activations to 8 bits of mantissa (4e-3 relative of ~10.8).
-    print("MEASURE", {k: abs(a[k] - b[k]) for k in a})
+    # Measured: 1.1e-5 to 1.1e-4 over the 6 steps (autocast keeps the loss and the weights in fp32);
+    # a run that silently fell back to fp32 is told by its recorded precision, a broken one by far more.
     for step in a:
-        assert abs(a[step] - b[step]) < 0.05, (step, a[step], b[step])
+        assert abs(a[step] - b[step]) < 1e-3, (step, a[step], b[step])
