@@ -94,6 +94,7 @@ def test_bf16_trains_like_fp32_on_a_cpu_with_bf16(fp32_run, tiny_data_dir: Path,
     assert sorted(a) == sorted(b) == list(range(6))
     assert b[5] < b[0] - 0.05, b  # it learns
     # Measured: 1.1e-5 to 1.1e-4 over the 6 steps (autocast keeps the loss and the weights in fp32);
-    # a run that silently fell back to fp32 is told by its recorded precision, a broken one by far more.
+    # a broken bf16 path moves them by far more.
     for step in a:
         assert abs(a[step] - b[step]) < 1e-3, (step, a[step], b[step])
+    assert a != b  # it really computed in bf16: an fp32 re-run is bitwise equal (runs are deterministic)
