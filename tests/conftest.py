@@ -103,6 +103,19 @@ def pretrain_args(data_dir: Path, out: Path, strategy: str, devices: int = 2, *e
     ]  # fmt: skip
 
 
+# The end-of-run text sample, for the runs that check it (pretrain_args turns it off).
+SAMPLE_ON = "sample={prompt: 'ROMEO:', max_new_tokens: 8, temperature: 0.8, top_k: 50}"
+
+
+@pytest.fixture(scope="session")
+def single_process_run(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One uninterrupted single-process run (pretrain_args, strategy auto, with the sample): the
+    reference of the resume tests and the run the output checks read. Shared, so read-only: copy it
+    before running anything in it. Returns (output folder, the finished process)."""
+    out = tmp_path_factory.mktemp("single_process") / "run"
+    return out, run_script(pretrain_args(tiny_data_dir, out, "auto", 1, SAMPLE_ON), timeout=300)
+
+
 def train(data_dir: Path, out: Path, strategy: str, devices: int = 2, *extra: str, timeout: float = 400):
     return run_script(pretrain_args(data_dir, out, strategy, devices, *extra), timeout=timeout)
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run_script
+from conftest import pretrain_args, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -29,15 +30,12 @@ def _pretrain(data_dir: Path, out: Path, *extra: str, precision: str = "32-true"
     )
 
 
-@pytest.fixture(scope="module")
-def fp32_run(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """One smoke run (6 steps, fp32), shared: its first CSV version is never rewritten."""
-    out = tmp_path_factory.mktemp("pretrain") / "run"
-    return out, _pretrain(tiny_data_dir, out)
-
-
-def test_pretrain_writes_summary_and_checkpoints_then_resumes(fp32_run, tiny_data_dir: Path) -> None:
-    out, proc = fp32_run
+def test_pretrain_writes_summary_and_checkpoints_then_resumes(
+    single_process_run, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    shared, proc = single_process_run  # experiment=smoke, 6 steps, fp32, checkpoints every 2 steps
+    out = tmp_path / "run"
+    shutil.copytree(shared, out)  # the shared run stays as it is: this test re-runs in its copy
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6
     assert summary["tokens_seen"] == 6 * 8 * 64  # steps x global batch x seq_len
@@ -57,7 +55,7 @@ def test_pretrain_writes_summary_and_checkpoints_then_resumes(fp32_run, tiny_dat
         assert key in metrics.splitlines()[0], key
 
     # Same command, more steps: continues from step 6 rather than starting over.
-    proc = _pretrain(tiny_data_dir, out, "trainer.max_steps=8")
+    proc = run_script(pretrain_args(tiny_data_dir, out, "auto", 1, "trainer.max_steps=8"), timeout=300)
     assert "resuming from" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["steps_this_run"] == 2
@@ -80,13 +78,13 @@ def _step_losses(out: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
-def test_bf16_trains_like_fp32_on_a_cpu_with_bf16(fp32_run, tiny_data_dir: Path, tmp_path: Path) -> None:
+def test_bf16_trains_like_fp32_on_a_cpu_with_bf16(single_process_run, tiny_data_dir: Path, tmp_path: Path) -> None:
     from cgpt.hardware import cpu_has_bf16
 
     if not cpu_has_bf16():
         pytest.skip("needs bf16 on the CPU (AVX512_BF16 or AMX_BF16 in /proc/cpuinfo)")
-    fp32, bf16 = fp32_run[0], tmp_path / "bf16"
-    proc = _pretrain(tiny_data_dir, bf16, "sample=null", precision="bf16-mixed")
+    fp32, bf16 = single_process_run[0], tmp_path / "bf16"
+    proc = run_script(pretrain_args(tiny_data_dir, bf16, "auto", 1, "trainer.precision=bf16-mixed"), timeout=300)
     assert "bf16" in proc.stdout + proc.stderr
     summary = json.loads((bf16 / "summary.json").read_text())
     assert summary["config"]["resolved"]["precision"] == "bf16-mixed"

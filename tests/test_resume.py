@@ -68,11 +68,12 @@ def test_atomic_dir_save_keeps_the_previous_checkpoint_when_the_save_fails(tmp_p
 
 
 @pytest.mark.slow
-def test_sigkill_while_writing_last_ckpt_then_rerun_is_bitwise_identical(tiny_data_dir: Path, tmp_path: Path) -> None:
+def test_sigkill_while_writing_last_ckpt_then_rerun_is_bitwise_identical(
+    single_process_run, tiny_data_dir: Path, tmp_path: Path
+) -> None:
     """kill -9 while the step-4 last.ckpt is half written (its temporary file is there): the re-run
     resumes from the intact step-2 last.ckpt and continues bitwise like an uninterrupted run."""
-    ref_out, out = tmp_path / "uninterrupted", tmp_path / "killed"
-    run_script(pretrain_args(tiny_data_dir, ref_out, "auto", 1), timeout=300)
+    ref_out, out = single_process_run[0], tmp_path / "killed"
     args = pretrain_args(tiny_data_dir, out, "auto", 1)
     ckpts = out / "checkpoints"
     assert kill_while_saving_last(args, ckpts, 4, timeout=300), "the kill came after the save finished"
