@@ -27,8 +27,7 @@ def test_head_benchmark_times_every_variant(tmp_path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs CUDA to be absent: it checks the no-GPU message")
 def test_head_benchmark_skips_cuda_without_a_gpu() -> None:
-    if torch.cuda.is_available():
-        return
     proc = run_script([str(SCRIPT), "--device", "cuda", "--repeats", "1"])
     assert proc.stdout.strip() == "skipped: CUDA is not available on this machine"
