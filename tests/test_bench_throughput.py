@@ -106,6 +106,7 @@ def test_training_logs_mfu_against_the_given_peak_and_the_training_seq_len():
     assert {"train/loss", "train/ppl", "grad_norm", "lr"} <= set(m)
 
 
+@pytest.mark.slow  # several seconds: make test runs it, make test-fast does not
 def test_benchmark_reads_prepared_shards_with_the_real_datamodule(tiny_data_dir):
     bench = load_bench()
     argv = ["--model", "cerebras-gpt-tiny", "--micro-batch", "2", "--data", str(tiny_data_dir), "--device", "cpu"]

@@ -220,6 +220,7 @@ def test_load_model_from_checkpoint(model, tmp_path):
         load_model(tmp_path / "missing.ckpt")
 
 
+@pytest.mark.slow  # several seconds: make test runs it, make test-fast does not
 def test_evaluate_cli(model, tmp_path, small_val_dir, capsys):
     import cgpt.cli.evaluate as evaluate_cli
 

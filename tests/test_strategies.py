@@ -258,6 +258,7 @@ def test_zero3_killed_while_writing_last_ckpt_resumes_from_its_own_folder(
         torch.testing.assert_close(a[k], b[k], atol=TOL, rtol=0, msg=k)
 
 
+@pytest.mark.slow  # several seconds: make test runs it, make test-fast does not
 def test_compile_prefixes_never_reach_a_checkpoint(tmp_path: Path) -> None:
     from cgpt.lit_module import CerebrasGPTModule
     from cgpt.weights import consolidate_checkpoint
