@@ -54,7 +54,7 @@ deepspeed-ops: install-dev
 test: install-dev lint deepspeed-ops
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest -q -rs --durations=15 tests
 
-# The edit-test loop (under a minute on 2 cores): everything not marked slow. Subprocess, multi-process
+# The edit-test loop (about a minute on 2 cores): everything not marked slow. Subprocess, multi-process
 # and end-to-end tests are marked slow; `make test` (and CI) runs them all.
 test-fast: install-dev
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest -q -m "not slow" --durations=5 tests
