@@ -292,7 +292,7 @@ def format_plan(plan: TrainingPlan) -> str:
 # --- the command line (train/plan.py) ---------------------------------------------------------
 INT_KEYS = {"n_layer", "d_model", "n_head", "d_ffn", "block_size", "seq_len", "batch_size", "gpus", "micro_batch_size"}
 FLOAT_KEYS = {"tokens", "compute", "tokens_per_param", "lr", "warmup_tokens", "mfu"}
-BOOL_KEYS = {"activation_checkpointing", "json", "compare"}
+BOOL_KEYS = {"activation_checkpointing", "json", "compare", "certificate"}
 STR_KEYS = {"model", "gpu"}
 SHAPE_KEYS = {"n_layer", "d_model", "n_head", "d_ffn", "block_size"}
 
@@ -357,6 +357,12 @@ def plan_cli(argv: list[str], strategies: dict[str, dict[str, Any]] | None = Non
     """Parse ``argv`` (see :func:`parse_plan_args`), plan and print the plan (text or JSON) or, with
     ``compare=true``, the published comparison. ``strategies`` defaults to :func:`strategy_configs`."""
     args = parse_plan_args(argv, usage)
+    if args.pop("certificate", False):  # exit status 1 when a field does not match
+        from cgpt.certificate import certificate, format_certificate
+
+        rows = certificate()
+        print(format_certificate(rows))
+        return 0 if all(r.match for r in rows) else 1
     if args.pop("compare", False):
         print(compare_published())
         return 0
