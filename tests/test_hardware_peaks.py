@@ -28,7 +28,8 @@ def test_gpu_table_peak_by_cuda_device_name(name, peak):
     assert gpu_table_peak(name) == peak
 
 
-def test_peak_flops_uses_the_table_on_known_gpus_and_measures_otherwise(monkeypatch):
+def test_peak_flops_uses_the_table_on_known_gpus_and_measures_otherwise(monkeypatch, tmp_path):
+    monkeypatch.setenv("CGPT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     assert peak_flops("cuda", torch.bfloat16) == 989e12
     assert peak_flops("cuda", torch.float32) == 989e12 / 2
@@ -67,3 +68,52 @@ def test_cpu_precision_never_fp16():
     assert hardware.default_precision("cpu") in ("bf16-mixed", "32-true")
     with pytest.raises(ValueError, match="fp16 is not supported on CPU"):
         hardware.resolve_precision("16-mixed", "cpu")
+
+
+def test_cpu_peak_is_measured_once_per_machine_and_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("CGPT_CACHE_DIR", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(hardware, "measured_matmul_flops", lambda device, dtype: calls.append(dtype) or 5e10)
+    cpu = torch.device("cpu")
+    assert peak_flops(cpu, torch.float32) == 5e10 and len(calls) == 1
+    assert (tmp_path / "peak_flops.json").is_file()
+    # a later run (a busy machine would measure low) reads the kept value instead of measuring
+    monkeypatch.setattr(hardware, "measured_matmul_flops", lambda device, dtype: calls.append(dtype) or 1e9)
+    assert peak_flops(cpu, torch.float32) == 5e10 and len(calls) == 1
+    # another dtype or thread count is another key: measured once more
+    assert peak_flops(cpu, torch.bfloat16) == 1e9 and len(calls) == 2
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert hardware.machine_key(cpu, torch.float32) != hardware.machine_key(cpu, torch.bfloat16)
+        assert peak_flops(cpu, torch.float32) == 1e9 and len(calls) == 3
+    finally:
+        torch.set_num_threads(threads)
+    # a damaged cache is measured again and rewritten, never a crash
+    (tmp_path / "peak_flops.json").write_text("{not json")
+    assert peak_flops(cpu, torch.float32) == 1e9 and len(calls) == 4
+
+
+def test_peak_cache_lives_under_xdg_cache_home_unless_set(monkeypatch, tmp_path):
+    monkeypatch.delenv("CGPT_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert hardware.peak_cache_path() == tmp_path / "cgpt" / "peak_flops.json"
+
+
+@pytest.mark.parametrize(("bf16", "words"), [(True, "has AVX512_BF16/AMX"), (False, "has no AVX512_BF16/AMX")])
+def test_first_lines_say_the_precision_and_why(monkeypatch, bf16, words):
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: bf16)
+    precision = hardware.default_precision("cpu")
+    assert precision == ("bf16-mixed" if bf16 else "32-true")
+    line = hardware.explain_precision("auto", precision, "cpu")
+    assert line.startswith(f"precision {precision} (auto): this CPU {words}")
+    assert hardware.explain_precision("32-true", "32-true", "cpu") == "precision 32-true: set by trainer.precision"
+
+
+def test_first_lines_say_the_compile_and_fused_head_decisions():
+    assert hardware.explain_compile("auto", "cpu").startswith("compile off (auto): on CPUs")
+    assert hardware.explain_compile("auto", "cuda").startswith("compile on (auto): CUDA")
+    assert hardware.explain_compile(True, "cpu") == "compile on: set by compile=True"
+    assert hardware.explain_fused_loss("auto", "cpu").startswith("fused LM-head loss on (auto)")
+    assert hardware.explain_fused_loss("auto", "cuda").startswith("fused LM-head loss off (auto)")
+    assert hardware.explain_fused_loss(False, "cpu") == "fused LM-head loss off: set by fused_loss=False"
