@@ -7,7 +7,9 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -176,29 +178,85 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def cached_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """The measured peak of this machine (:func:`machine_key`) from :func:`peak_cache_path`;
-    measured and stored the first time. A peak measured at every start-up read low on a busy
-    machine, so a run's MFU came out above 90%; one quiet measurement, kept, is stable.
-    Delete the file to measure again (after a hardware or torch change the key changes anyway)."""
-    path, key = peak_cache_path(), machine_key(device, dtype)
+def _cache_read(path: Path) -> dict[str, Any]:
     try:
         table = json.loads(path.read_text())
     except (OSError, ValueError):
-        table = {}
-    entry = table.get(key)
-    if isinstance(entry, dict) and isinstance(entry.get("flops"), int | float) and entry["flops"] > 0:
-        return float(entry["flops"])
-    flops = measured_matmul_flops(device, dtype)
-    table[key] = {"flops": flops, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
-    try:  # a read-only home is fine: the run measures, and uses the value without keeping it
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def _cache_write(path: Path, table: dict[str, Any]) -> None:
+    """Atomically; a read-only home is fine: the run measures and uses the value without keeping it."""
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
         os.replace(tmp, path)
     except OSError:
         pass
+
+
+def cached_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """The measured peak of this machine (:func:`machine_key`) from :func:`peak_cache_path`;
+    measured and stored the first time. A peak measured at every start-up read low on a busy
+    machine, so a run's MFU came out above 90%; one quiet measurement, kept, is stable.
+    Delete the file to measure again (after a hardware or torch change the key changes anyway)."""
+    path, key = peak_cache_path(), machine_key(device, dtype)
+    table = _cache_read(path)
+    entry = table.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("flops"), int | float) and entry["flops"] > 0:
+        return float(entry["flops"])
+    flops = measured_matmul_flops(device, dtype)
+    table[key] = {"flops": flops, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    _cache_write(path, table)
     return flops
+
+
+HEAD_PROBE_TOKENS = 512  # tokens the head choice is timed on (the ranking holds at any count: both stream the logits)
+
+
+@dataclass(frozen=True)
+class HeadChoice:
+    """Which LM-head loss a CPU run uses: ``fused`` with ``chunk`` tokens per chunk, or full logits."""
+
+    fused: bool
+    chunk: int | None
+    seconds: dict[str, float]  # the measurement it came from (CPU seconds per head forward+backward)
+
+    def describe(self) -> str:
+        chosen = f"fused/{self.chunk}" if self.fused else "full"
+        others = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in sorted(self.seconds.items()) if k != chosen)
+        what = f"on, {self.chunk} tokens per chunk" if self.fused else "off (full logits)"
+        return f"{what}: measured on this CPU, {chosen} {self.seconds[chosen] * 1e3:.0f} ms vs {others}"
+
+
+def choose_lm_head(dtype: torch.dtype, d_model: int, vocab: int) -> HeadChoice:
+    """The fastest LM-head loss for this CPU, dtype and head shape: full logits, or the fused head
+    at :func:`cgpt.lm_head.chunk_tokens` or 4x as many tokens per chunk. Timed once per machine
+    (:func:`cgpt.lm_head.time_heads`, ~a second per variant) and kept beside the peak
+    (``lm_head.json`` in the folder of :func:`peak_cache_path`); delete it to measure again.
+
+    Why measured: on an AVX512_BF16 CPU in bf16 the fused head is 1.3-1.6x faster than full logits,
+    but on an AVX2-only CPU in fp32 it was 0.8x at d_model 384 (docs/design/fused-lm-head.md).
+    """
+    from cgpt.lm_head import chunk_tokens, time_heads
+
+    path = peak_cache_path().with_name("lm_head.json")
+    key = f"{machine_key(torch.device('cpu'), dtype)} | d_model {d_model} | vocab {vocab}"
+    table = _cache_read(path)
+    entry = table.get(key)
+    if not (isinstance(entry, dict) and isinstance(entry.get("seconds"), dict) and entry["seconds"].get("full")):
+        base = chunk_tokens(vocab)
+        seconds = time_heads(HEAD_PROBE_TOKENS, d_model, vocab, dtype, [base, 4 * base])
+        entry = {"seconds": seconds, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+        table[key] = entry
+        _cache_write(path, table)
+    seconds = {str(k): float(v) for k, v in entry["seconds"].items()}
+    best = min(seconds, key=seconds.__getitem__)
+    if best == "full":
+        return HeadChoice(False, None, seconds)
+    return HeadChoice(True, int(best.split("/")[1]), seconds)
 
 
 @functools.cache
@@ -225,7 +283,8 @@ def measured_matmul_flops(
 
 
 # --- what a run decided, and why (its first lines) ----------------------------------------------
-def _device_type(accelerator: str | None) -> str:
+def accelerator_device_type(accelerator: str | None) -> str:
+    """``cpu`` or ``cuda``: the device a ``trainer.accelerator`` setting trains on."""
     if accelerator in ("gpu", "cuda"):
         return "cuda"
     if accelerator in (None, "auto"):
@@ -237,7 +296,7 @@ def explain_precision(setting: str | int | None, precision: str, accelerator: st
     """One line: the precision a run trains in and why (``setting`` is ``trainer.precision``)."""
     if setting not in (None, "auto"):
         return f"precision {precision}: set by trainer.precision"
-    if _device_type(accelerator) == "cuda":
+    if accelerator_device_type(accelerator) == "cuda":
         why = "this GPU supports bf16" if precision.startswith("bf16") else "this GPU has no bf16"
     elif cpu_has_bf16():
         why = "this CPU has AVX512_BF16/AMX, where bf16 matmuls run about 2x faster than fp32"
@@ -248,7 +307,7 @@ def explain_precision(setting: str | int | None, precision: str, accelerator: st
 
 def explain_compile(setting: bool | str | None, accelerator: str | None = None) -> str:
     """One line: whether the model is compiled and why (``setting`` is the ``compile`` key)."""
-    device = _device_type(accelerator)
+    device = accelerator_device_type(accelerator)
     on = resolve_compile(setting, device)
     if setting not in (None, "auto"):
         return f"compile {'on' if on else 'off'}: set by compile={setting}"
@@ -257,12 +316,17 @@ def explain_compile(setting: bool | str | None, accelerator: str | None = None) 
     return "compile off (auto): on CPUs torch.compile was not faster (docs/design/cpu-training-speed.md)"
 
 
-def explain_fused_loss(setting: bool | str | None, accelerator: str | None = None) -> str:
-    """One line: which LM-head loss the run uses and why (``setting`` is the ``fused_loss`` key)."""
-    device = _device_type(accelerator)
+def explain_fused_loss(
+    setting: bool | str | None, accelerator: str | None = None, choice: HeadChoice | None = None
+) -> str:
+    """One line: which LM-head loss the run uses and why (``setting`` is the ``fused_loss`` key,
+    ``choice`` the measured :func:`choose_lm_head` behind ``auto`` on a CPU)."""
+    device = accelerator_device_type(accelerator)
     resolved = resolve_fused_loss(setting)
     if resolved != "auto":
         return f"fused LM-head loss {'on' if resolved else 'off'}: set by fused_loss={setting}"
+    if choice is not None:
+        return f"fused LM-head loss {choice.describe()} (auto)"
     if default_fused_loss(device):
         return (
             "fused LM-head loss on (auto): on CPUs the chunked head skips the tokens x vocab logits "

@@ -16,6 +16,7 @@ weight around module calls, not around attribute reads.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +122,7 @@ class LMHead(nn.Linear):
 
     def __init__(self, d_model: int, vocab_size: int) -> None:
         super().__init__(d_model, vocab_size, bias=False)
+        self.chunk: int | None = None  # tokens per chunk of the fused loss; None: chunk_tokens(vocab)
 
     def forward(  # type: ignore[override]
         self,
@@ -131,10 +133,50 @@ class LMHead(nn.Linear):
         fused: bool = False,
     ) -> torch.Tensor:
         if targets is not None and fused:
-            return linear_cross_entropy(x, self.weight, targets, scale, ignore_index)
+            return linear_cross_entropy(x, self.weight, targets, scale, ignore_index, self.chunk)
         logits = super().forward(x)
         if scale != 1.0:
             logits = logits * scale
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+
+
+def time_heads(
+    tokens: int, d_model: int, vocab: int, dtype: torch.dtype, chunks: list[int], reps: int = 2
+) -> dict[str, float]:
+    """Process CPU seconds of one forward + backward of each head on this CPU: ``full`` (fp32 logits
+    then ``F.cross_entropy``, what ``fused_loss=false`` runs) and ``fused/N`` for each chunk size N.
+
+    The best of ``reps`` after a warm-up, variants interleaved; CPU time rather than wall time, so
+    other processes on the machine do not decide the choice.
+    """
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(tokens, d_model, generator=g)
+    w0 = torch.randn(vocab, d_model, generator=g) * 0.02
+    y = torch.randint(0, vocab, (tokens,), generator=g)
+    autocast = dtype != torch.float32
+
+    def full(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype, enabled=autocast):
+            logits = x @ w.t()
+        return F.cross_entropy(logits.float(), y)
+
+    def fused(chunk: int):  # noqa: ANN202
+        def loss(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cpu", dtype, enabled=autocast):
+                return linear_cross_entropy(x, w, y, chunk=chunk)
+
+        return loss
+
+    variants = {"full": full, **{f"fused/{c}": fused(c) for c in chunks}}
+    best = dict.fromkeys(variants, float("inf"))
+    for rep in range(reps + 1):  # repetition 0 warms up
+        for name, fn in variants.items():
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            start = time.process_time()
+            fn(x, w).backward()
+            seconds = time.process_time() - start
+            if rep:
+                best[name] = min(best[name], seconds)
+    return best

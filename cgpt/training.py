@@ -24,7 +24,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from cgpt.callbacks import RunSummary
 from cgpt.checkpoint import AtomicCheckpointIO
-from cgpt.hardware import explain_compile, explain_fused_loss, explain_precision, resolve_precision
+from cgpt.hardware import (
+    accelerator_device_type,
+    choose_lm_head,
+    explain_compile,
+    explain_fused_loss,
+    explain_precision,
+    precision_dtype,
+    resolve_precision,
+)
 from cgpt.loggers import SampleLogger
 from cgpt.preemption import PreemptionHandler
 from cgpt.preflight import check_run, plan_batch
@@ -146,10 +154,16 @@ def build(
     module.set_runtime(datamodule.seq_len, plan.global_batch_size)
     precision_setting = trainer_cfg["precision"]
     trainer_cfg["precision"] = resolve_precision(precision_setting, trainer_cfg["accelerator"])
+    fused_setting, head = module.fused_loss, None
+    if fused_setting == "auto" and accelerator_device_type(trainer_cfg["accelerator"]) == "cpu":
+        # which head is faster depends on the CPU (AVX512_BF16 or not), the dtype and the width
+        cfg = module.model_config
+        head = choose_lm_head(precision_dtype(trainer_cfg["precision"]), cfg.d_model, cfg.vocab_size)
+        module.fused_loss, module.lm_head_chunk = head.fused, head.chunk
     decisions = [
         explain_precision(precision_setting, trainer_cfg["precision"], trainer_cfg["accelerator"]),
         explain_compile(module.compile, trainer_cfg["accelerator"]),
-        explain_fused_loss(module.fused_loss, trainer_cfg["accelerator"]),
+        explain_fused_loss(fused_setting, trainer_cfg["accelerator"], head),
     ]
     if rank_zero_only.rank == 0:  # the run's first lines: what was chosen for this machine, and why
         print("\n".join(decisions), flush=True)

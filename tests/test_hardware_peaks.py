@@ -117,3 +117,44 @@ def test_first_lines_say_the_compile_and_fused_head_decisions():
     assert hardware.explain_fused_loss("auto", "cpu").startswith("fused LM-head loss on (auto)")
     assert hardware.explain_fused_loss("auto", "cuda").startswith("fused LM-head loss off (auto)")
     assert hardware.explain_fused_loss(False, "cpu") == "fused LM-head loss off: set by fused_loss=False"
+
+
+def test_lm_head_choice_is_the_fastest_measured_and_cached(monkeypatch, tmp_path):
+    import cgpt.lm_head
+
+    monkeypatch.setenv("CGPT_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def fake(tokens, d_model, vocab, dtype, chunks, reps=2):
+        calls.append((tokens, d_model, vocab, dtype, tuple(chunks)))
+        return {"full": 0.30, **{f"fused/{c}": 0.20 + c / 10_000 for c in chunks}}
+
+    monkeypatch.setattr(cgpt.lm_head, "time_heads", fake)
+    choice = hardware.choose_lm_head(torch.float32, 384, 50257)
+    assert (choice.fused, choice.chunk) == (True, 128) and calls == [(512, 384, 50257, torch.float32, (128, 512))]
+    assert "fused/128 213 ms vs full 300 ms, fused/512 251 ms" in choice.describe()
+    assert hardware.choose_lm_head(torch.float32, 384, 50257) == choice and len(calls) == 1  # kept per machine
+    line = hardware.explain_fused_loss("auto", "cpu", choice)
+    assert line.startswith("fused LM-head loss on, 128 tokens per chunk: measured on this CPU")
+    assert line.endswith("(auto)")
+
+    # where full logits measure fastest (an AVX2-only CPU in fp32), the run takes them
+    monkeypatch.setattr(cgpt.lm_head, "time_heads", lambda *a, **k: {"full": 0.1, "fused/128": 0.2, "fused/512": 0.15})
+    full = hardware.choose_lm_head(torch.float32, 128, 50257)
+    assert (full.fused, full.chunk) == (False, None) and full.describe().startswith("off (full logits)")
+
+
+def test_time_heads_measures_every_variant():
+    from cgpt.lm_head import time_heads
+
+    seconds = time_heads(64, 16, 300, torch.float32, [8, 32], reps=1)
+    assert set(seconds) == {"full", "fused/8", "fused/32"} and all(0 < s < 60 for s in seconds.values())
+
+
+def test_the_chosen_chunk_reaches_the_model():
+    from cgpt.lit_module import CerebrasGPTModule
+
+    module = CerebrasGPTModule(model={"name": "cerebras-gpt-tiny", "vocab_size": 128}, fused_loss=True)
+    module.lm_head_chunk = 32
+    module.configure_model()
+    assert module.model.lm_head.chunk == 32 and module.model.fused_loss is True
