@@ -300,6 +300,7 @@ def build_module(args: argparse.Namespace, device: torch.device) -> CerebrasGPTM
     module = CerebrasGPTModule(model=model, compile=args.compile, fused_loss=args.fused_loss)
     module.set_runtime(args.seq_len, args.micro_batch)
     module.lm_head_chunk = getattr(args, "head_chunk", None)
+    module.lm_head_pad = getattr(args, "head_pad", None)
     with torch.device(device):
         module.configure_model()  # built (and compiled) once; both loops train this same GPT
     return module
@@ -317,10 +318,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--precision {args.precision}: use bf16-mixed, 16-mixed, 32-true or auto")
     args.compile = resolve_compile(args.compile, device)
     args.fused_loss = resolve_fused_loss(args.fused_loss)
-    args.head_chunk = None
+    args.head_chunk = args.head_pad = None
     if args.fused_loss == "auto" and device.type == "cpu":  # what a cgpt run decides on this CPU
         head = choose_lm_head(precision_dtype(args.precision), *_head_shape(args))
-        args.fused_loss, args.head_chunk = head.fused, head.chunk
+        args.fused_loss, args.head_chunk, args.head_pad = head.fused, head.chunk, head.pad
         print(f"fused LM-head loss {head.describe()}", file=sys.stderr, flush=True)
     elif args.fused_loss == "auto":
         args.fused_loss = default_fused_loss(device)

@@ -223,17 +223,20 @@ class HeadChoice:
     fused: bool
     chunk: int | None
     seconds: dict[str, float]  # the measurement it came from (CPU seconds per head forward+backward)
+    pad: int | None = None  # full logits over the vocabulary padded to a multiple of this
 
     def describe(self) -> str:
-        chosen = f"fused/{self.chunk}" if self.fused else "full"
+        chosen = f"fused/{self.chunk}" if self.fused else (f"full/pad{self.pad}" if self.pad else "full")
         others = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in sorted(self.seconds.items()) if k != chosen)
-        what = f"on, {self.chunk} tokens per chunk" if self.fused else "off (full logits)"
+        padded = f", vocabulary padded to a multiple of {self.pad}" if self.pad else ""
+        what = f"on, {self.chunk} tokens per chunk" if self.fused else f"off (full logits{padded})"
         return f"{what}: measured on this CPU, {chosen} {self.seconds[chosen] * 1e3:.0f} ms vs {others}"
 
 
 def choose_lm_head(dtype: torch.dtype, d_model: int, vocab: int) -> HeadChoice:
-    """The fastest LM-head loss for this CPU, dtype and head shape: full logits, or the fused head
-    at :func:`cgpt.lm_head.chunk_tokens` or 4x as many tokens per chunk. Timed once per machine
+    """The fastest LM-head loss for this CPU, dtype and head shape: full logits (over the real or
+    the padded vocabulary), or the fused head at :func:`cgpt.lm_head.chunk_tokens` or 4x as many
+    tokens per chunk. Timed once per machine
     (:func:`cgpt.lm_head.time_heads`, ~a second per variant) and kept beside the peak
     (``lm_head.json`` in the folder of :func:`peak_cache_path`); delete it to measure again.
 
@@ -256,6 +259,8 @@ def choose_lm_head(dtype: torch.dtype, d_model: int, vocab: int) -> HeadChoice:
     best = min(seconds, key=seconds.__getitem__)
     if best == "full":
         return HeadChoice(False, None, seconds)
+    if best.startswith("full/pad"):
+        return HeadChoice(False, None, seconds, int(best.removeprefix("full/pad")))
     return HeadChoice(True, int(best.split("/")[1]), seconds)
 
 

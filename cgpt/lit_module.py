@@ -52,6 +52,7 @@ class CerebrasGPTModule(L.LightningModule):
         self.compile = compile
         self.fused_loss = resolve_fused_loss(fused_loss)
         self.lm_head_chunk: int | None = None  # tokens per fused-loss chunk (cgpt.hardware.choose_lm_head)
+        self.lm_head_pad: int | None = None  # full-logits loss over the vocabulary padded to a multiple of this
         self.recipe = _recipe_for(self.model_config)
         self.model: GPT | None = None
         self.tokens_per_step = 0  # set by set_runtime(); used for "tokens seen"
@@ -89,6 +90,7 @@ class CerebrasGPTModule(L.LightningModule):
         self.rng_after_build = (torch.get_rng_state(), cuda)
         self.model.fused_loss = self.fused_loss
         self.model.lm_head.chunk = self.lm_head_chunk
+        self.model.lm_head.pad_vocab_to = self.lm_head_pad
         # Built on empty partitions (DeepSpeed ZeRO-3's zero.Init): the strategy gathers them after the
         # build and calls reinitialize_weights(), which loads init_from then.
         partitioned = any(p.numel() == 0 for p in self.model.parameters())

@@ -159,7 +159,7 @@ def build(
         # which head is faster depends on the CPU (AVX512_BF16 or not), the dtype and the width
         cfg = module.model_config
         head = choose_lm_head(precision_dtype(trainer_cfg["precision"]), cfg.d_model, cfg.vocab_size)
-        module.fused_loss, module.lm_head_chunk = head.fused, head.chunk
+        module.fused_loss, module.lm_head_chunk, module.lm_head_pad = head.fused, head.chunk, head.pad
     decisions = [
         explain_precision(precision_setting, trainer_cfg["precision"], trainer_cfg["accelerator"]),
         explain_compile(module.compile, trainer_cfg["accelerator"]),

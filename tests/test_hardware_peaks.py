@@ -138,23 +138,29 @@ def test_lm_head_choice_is_the_fastest_measured_and_cached(monkeypatch, tmp_path
     assert line.startswith("fused LM-head loss on, 128 tokens per chunk: measured on this CPU")
     assert line.endswith("(auto)")
 
-    # where full logits measure fastest (an AVX2-only CPU in fp32), the run takes them
-    monkeypatch.setattr(cgpt.lm_head, "time_heads", lambda *a, **k: {"full": 0.1, "fused/128": 0.2, "fused/512": 0.15})
+    # where full logits measure fastest (an AVX2-only CPU in fp32), the run takes them, padded or not
+    times = {"full": 0.1, "fused/128": 0.2, "fused/512": 0.15, "full/pad64": 0.12}
+    monkeypatch.setattr(cgpt.lm_head, "time_heads", lambda *a, **k: times)
     full = hardware.choose_lm_head(torch.float32, 128, 50257)
-    assert (full.fused, full.chunk) == (False, None) and full.describe().startswith("off (full logits)")
+    assert (full.fused, full.chunk, full.pad) == (False, None, None) and full.describe().startswith("off (full logits)")
+    times = {"full": 0.1, "fused/128": 0.2, "fused/512": 0.15, "full/pad64": 0.08}
+    padded = hardware.choose_lm_head(torch.float32, 256, 50257)
+    assert (padded.fused, padded.pad) == (False, 64)
+    assert padded.describe().startswith("off (full logits, vocabulary padded to a multiple of 64): measured")
 
 
 def test_time_heads_measures_every_variant():
     from cgpt.lm_head import time_heads
 
     seconds = time_heads(64, 16, 300, torch.float32, [8, 32], reps=1)
-    assert set(seconds) == {"full", "fused/8", "fused/32"} and all(0 < s < 60 for s in seconds.values())
+    assert set(seconds) == {"full", "full/pad64", "fused/8", "fused/32"} and all(0 < s < 60 for s in seconds.values())
 
 
 def test_the_chosen_chunk_reaches_the_model():
     from cgpt.lit_module import CerebrasGPTModule
 
     module = CerebrasGPTModule(model={"name": "cerebras-gpt-tiny", "vocab_size": 128}, fused_loss=True)
-    module.lm_head_chunk = 32
+    module.lm_head_chunk, module.lm_head_pad = 32, 64
     module.configure_model()
     assert module.model.lm_head.chunk == 32 and module.model.fused_loss is True
+    assert module.model.lm_head.pad_vocab_to == 64
