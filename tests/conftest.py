@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What the entry points set before composing: conf/paths resolves ${oc.env:CGPT_ROOT} (tests compose in-process).
 os.environ.setdefault("CGPT_ROOT", str(REPO_ROOT))
+# Measured peaks (cgpt.hardware.cached_peak_flops) go to a cache of this session, not the user's.
+os.environ.setdefault("CGPT_CACHE_DIR", tempfile.mkdtemp(prefix="cgpt-test-cache-"))
 
 
 def load_script(path: Path) -> ModuleType:

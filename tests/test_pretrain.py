@@ -48,6 +48,12 @@ def test_pretrain_writes_summary_and_checkpoints_then_resumes(
     assert summary["sample"].startswith("ROMEO:")
     assert "val loss" in proc.stdout and "unigram entropy" in proc.stdout
     assert "`srun` command is available" not in proc.stderr  # outside a SLURM job it is noise
+    first = proc.stdout.splitlines()[:3]  # the run's first lines: its decisions for this machine
+    assert first[0] == "precision 32-true: set by trainer.precision", first
+    assert first[1].startswith("compile off (auto)")
+    assert first[2].startswith("fused LM-head loss ") and "measured on this CPU" in first[2], first
+    for noise in ("💡 Tip", "LeafSpec", "GPU available: False", "Automatic Mixed Precision"):
+        assert noise not in proc.stdout + proc.stderr, noise
     ckpts = out / "checkpoints"
     assert (ckpts / "last.ckpt").is_file() and list(ckpts.glob("best-*.ckpt"))
     metrics = (next((out / "csv").glob("version_*")) / "metrics.csv").read_text()
