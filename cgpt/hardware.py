@@ -251,7 +251,7 @@ def choose_lm_head(dtype: torch.dtype, d_model: int, vocab: int) -> HeadChoice:
     entry = table.get(key)
     if not (isinstance(entry, dict) and isinstance(entry.get("seconds"), dict) and entry["seconds"].get("full")):
         base = chunk_tokens(vocab)
-        seconds = time_heads(HEAD_PROBE_TOKENS, d_model, vocab, dtype, [base, 4 * base])
+        seconds = time_heads(HEAD_PROBE_TOKENS, d_model, vocab, dtype, [base, 4 * base], reps=3)
         entry = {"seconds": seconds, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
         table[key] = entry
         _cache_write(path, table)
