@@ -65,8 +65,7 @@ class GuardConfig:
             raise ConfigError(f"guard.action={self.action!r}: use one of {', '.join(ACTIONS)}")
         if self.window < 2 or not 2 <= self.min_history <= self.window:
             raise ConfigError(
-                f"guard.window={self.window}, guard.min_history={self.min_history}: "
-                "need 2 <= min_history <= window"
+                f"guard.window={self.window}, guard.min_history={self.min_history}: need 2 <= min_history <= window"
             )
         for key in ("loss_spike_z", "grad_norm_ratio"):
             value = getattr(self, key)
@@ -198,7 +197,8 @@ class StepGuard(L.Callback):
             )
         elif action == "skip" and self.skipped >= self.config.max_skips:
             action = "stop"
-            self.stop_reason = f"{self.skipped} bad steps in this run (guard.max_skips={self.config.max_skips}); {_ADVICE}"
+            cap = self.config.max_skips
+            self.stop_reason = f"{self.skipped} bad steps in this run (guard.max_skips={cap}); {_ADVICE}"
         elif action == "stop":
             self.stop_reason = f"guard.action=stop: {reason}"
         event = {"step": step, "kind": kind, "action": action, "loss": _finite_or_str(mean_loss),

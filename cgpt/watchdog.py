@@ -121,8 +121,9 @@ class HangWatchdog(L.Callback):
             f.flush()
             faulthandler.dump_traceback(file=f, all_threads=True)
         os.replace(tmp, path)  # complete files only: rank 0 reads them
-        print(f"watchdog: rank {self._rank}: no progress for {idle:.0f}s (watchdog.timeout_s={self.timeout_s:g}) "
-              f"in {PHASES[phase]} after step {step}; stacks of all threads: {path}", file=sys.stderr, flush=True)  # fmt: skip
+        msg = (f"watchdog: rank {self._rank}: no progress for {idle:.0f}s (watchdog.timeout_s={self.timeout_s:g}) "
+               f"in {PHASES[phase]} after step {step}; stacks of all threads: {path}")  # fmt: skip
+        print(msg, file=sys.stderr, flush=True)
         if self._rank == 0:
             deadline = time.monotonic() + self.grace_s
             while time.monotonic() < deadline and not self._all_dumped():

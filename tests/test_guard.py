@@ -126,7 +126,8 @@ def test_nan_on_rank_1_is_skipped_by_every_rank(tiny_data_dir: Path, tmp_path: P
     for rank in (0, 1):
         decisions = json.loads((record / f"decisions-rank{rank}.json").read_text())
         assert decisions == {"skipped": [BAD], "steps": STEPS}, (rank, decisions)
-        before, skipped, after = (torch.load(record / f"weights-rank{rank}-step{s}.pt") for s in (BAD - 1, BAD, BAD + 1))
+        weights = [torch.load(record / f"weights-rank{rank}-step{s}.pt") for s in (BAD - 1, BAD, BAD + 1)]
+        before, skipped, after = weights
         for name in before:
             assert torch.equal(before[name], skipped[name]), (strategy, rank, name)
         assert any(not torch.equal(skipped[n], after[n]) for n in before), (strategy, rank, "no update after the skip")
