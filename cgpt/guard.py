@@ -169,9 +169,8 @@ class StepGuard(L.Callback):
         norm = norm.detach().to(device=device, dtype=torch.float64).reshape(1)
         world, rank = _world()
         flags = torch.zeros(world, dtype=torch.float64, device=device)
-        # 1: loss not finite, 2: gradient norm not finite, 3: both (a norm of None is not checked)
-        local = (~torch.isfinite(loss)).double() + (~torch.isfinite(norm[0])).double() * 2 * (grad_norm is not None)
-        flags[rank] = local
+        # This rank's loss is its own; the norm is global (the same on every rank), so it is judged after the sum.
+        flags[rank] = (~torch.isfinite(loss)).double()
         buf = torch.cat([loss.double().reshape(1), norm, flags])
         if world > 1:
             torch.distributed.all_reduce(buf)
@@ -210,10 +209,11 @@ class StepGuard(L.Callback):
         return True
 
     def _judge(self, loss: float, norm: float, bad: dict[int, int], has_norm: bool) -> tuple[str | None, str]:
-        if bad or not math.isfinite(loss) or (has_norm and not math.isfinite(norm)):
-            what = {1: "loss", 2: "gradient norm", 3: "loss and gradient norm"}
-            where = "; ".join(f"{what[f]} on rank {r}" for r, f in sorted(bad.items())) or "after the reduction"
-            return f"non-finite values ({where})", "non_finite"
+        bad_norm = has_norm and not math.isfinite(norm)
+        if bad or not math.isfinite(loss) or bad_norm:
+            parts = [f"loss on rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, sorted(bad)))}"] if bad else []
+            parts += ["global gradient norm"] if bad_norm else []
+            return f"non-finite {' and '.join(parts) or 'mean loss'}", "non_finite"
         c = self.config
         if len(self.losses) >= c.min_history and c.loss_spike_z is not None:
             mean = statistics.fmean(self.losses)
