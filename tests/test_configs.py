@@ -64,11 +64,22 @@ def test_default_callbacks_instantiate(tmp_path: Path) -> None:
     assert len(callbacks) == len(cfg.callbacks) >= 3
 
 
-@pytest.mark.parametrize("group", ["optim", "scheduler", "trainer", "data", "paths", "strategy", "callbacks"])
+@pytest.mark.parametrize("group", ["optim", "scheduler", "trainer", "data", "paths", "strategy", "callbacks", "guard"])
 def test_every_option_of_the_other_groups_composes(tmp_path: Path, group: str) -> None:
     for option in _options(group):
         cfg = _compose(tmp_path, [f"{group}={option}"])
         assert cfg[group] is not None
+
+
+def test_guard_options_and_the_watchdog_build(tmp_path: Path) -> None:
+    from cgpt.guard import build_guard
+    from cgpt.watchdog import build_watchdog
+
+    for option, enabled in (("default", True), ("off", False)):
+        cfg = OmegaConf.to_container(_compose(tmp_path, [f"guard={option}"]))
+        assert (build_guard(cfg["guard"], str(tmp_path)) is not None) == enabled, option
+    assert build_watchdog(cfg["watchdog"], str(tmp_path)).timeout_s == 1800
+    assert build_watchdog(None, str(tmp_path)) is None
 
 
 def test_paths_never_depend_on_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
