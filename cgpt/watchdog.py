@@ -57,6 +57,7 @@ class HangWatchdog(L.Callback):
         self._beat = time.monotonic()
         self._where: tuple[int, int, int] = (0, 0, -1)  # (micro-batches started, phase index, completed steps)
         self._rank, self._world = 0, 1
+        self._started = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -68,6 +69,7 @@ class HangWatchdog(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._rank, self._world = trainer.global_rank, trainer.world_size
+        self._started = time.time() - 1.0  # file times are compared with it (1 s: coarse file-system clocks)
         self._progress(len(PHASES) - 1, trainer.global_step)
         self._stop.clear()
         self._thread = threading.Thread(target=self._watch, name="cgpt-hang-watchdog", daemon=True)
@@ -128,9 +130,13 @@ class HangWatchdog(L.Callback):
             deadline = time.monotonic() + self.grace_s
             while time.monotonic() < deadline and not self._all_dumped():
                 time.sleep(0.2)
-            report = hang_report(self.folder, self._world)
+            report = hang_report(self.folder, self._world, self._started)
             (self.folder / "report.txt").write_text(report)
             print(report, file=sys.stderr, flush=True)
+        elif self.exit:  # stay until rank 0 has reported: exiting closes the connections its dump waits behind
+            deadline = time.monotonic() + self.timeout_s + 2 * self.grace_s
+            while time.monotonic() < deadline and not self._fresh(self.folder / "report.txt"):
+                time.sleep(0.2)
         if self.exit:
             if self._rank == 0:
                 print(f"watchdog: exiting with code {EXIT_HUNG}; re-run the same command to resume from the last "
@@ -139,7 +145,11 @@ class HangWatchdog(L.Callback):
             os._exit(EXIT_HUNG)
 
     def _all_dumped(self) -> bool:
-        return all((self.folder / f"rank{r}.txt").exists() for r in range(self._world))
+        return all(self._fresh(self.folder / f"rank{r}.txt") for r in range(self._world))
+
+    def _fresh(self, path: Path) -> bool:
+        """Written by this run (not left by an earlier hang in the same folder)."""
+        return path.exists() and path.stat().st_mtime >= self._started
 
 
 def read_dump(path: Path) -> tuple[dict[str, Any], str | None]:
@@ -156,9 +166,11 @@ def read_dump(path: Path) -> tuple[dict[str, Any], str | None]:
     return header, frame
 
 
-def hang_report(folder: Path, world: int) -> str:
-    """Where each rank stands, and which reached the point the furthest ranks wait at."""
-    dumps = {r: read_dump(folder / f"rank{r}.txt") for r in range(world) if (folder / f"rank{r}.txt").exists()}
+def hang_report(folder: Path, world: int, since: float = 0.0) -> str:
+    """Where each rank stands, and which reached the point the furthest ranks wait at (dumps written
+    since ``since``, a wall-clock time, count)."""
+    paths = {r: folder / f"rank{r}.txt" for r in range(world)}
+    dumps = {r: read_dump(p) for r, p in paths.items() if p.exists() and p.stat().st_mtime >= since}
     lines = [f"watchdog report ({len(dumps)} of {world} ranks dumped their stacks into {folder}):"]
 
     def key(header: dict[str, Any]) -> tuple[int, int]:
