@@ -180,3 +180,50 @@ def _env() -> dict[str, str]:
     import os
 
     return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+
+
+def single(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train/pretrain.py", "experiment=smoke", f"data.dir={data_dir}", f"paths.output_dir={out}",
+        "data.num_workers=0", "trainer.precision=32-true", "trainer.devices=1", "trainer.validate_every_steps=1000",
+        "callbacks.checkpoint.every_n_steps=1000", "sample=null", "logger=csv", "resume=null", *extra,
+    ]  # fmt: skip
+
+
+def logged(out: Path) -> dict[int, dict[str, str]]:
+    import csv
+
+    rows: dict[int, dict[str, str]] = {}
+    for path in sorted((out / "csv").glob("version_*/metrics.csv")):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                rows.setdefault(int(row["step"]), {}).update({k: v for k, v in row.items() if v and k != "step"})
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_guard_changes_nothing_on_a_normal_run(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """On by default, so it must not move a loss: the same run with guard=off logs the same values."""
+    on, off = tmp_path / "on", tmp_path / "off"
+    run_script(single(tiny_data_dir, on), timeout=300)
+    run_script(single(tiny_data_dir, off, "guard=off"), timeout=300)
+    a, b = ({k: v for k, v in logged(out).items() if "train/loss" in v} for out in (on, off))
+    assert sorted(a) == sorted(b) == list(range(STEPS))
+    for step in a:
+        for key in ("train/loss", "grad_norm"):
+            assert a[step][key] == b[step][key], (step, key, a[step], b[step])
+    assert json.loads((on / "summary.json").read_text())["guard"]["events"] == []
+    assert json.loads((off / "summary.json").read_text())["guard"] == {"enabled": False}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_multiplied_loss_is_caught_by_the_default_spike_rule(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """The default rule (8 std over the last good steps, from the 51st step on) flags a loss x10."""
+    out, spike = tmp_path / "run", 58
+    fault_arg = f"+callbacks.fault={{_target_: {INJECT}, kind: scale_loss, step: {spike}, rank: 0, factor: 10}}"
+    run_script(single(tiny_data_dir, out, "trainer.max_steps=60", "trainer.log_every_n_steps=10", fault_arg))
+    guard = json.loads((out / "summary.json").read_text())["guard"]
+    assert [(e["step"], e["kind"]) for e in guard["events"]] == [(spike, "loss_spike")], guard["events"]
+    assert guard["max_loss_z_of_a_good_step"] < 8.0
