@@ -138,6 +138,26 @@ def test_nan_on_rank_1_is_skipped_by_every_rank(tiny_data_dir: Path, tmp_path: P
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("strategy", STRATEGIES[2:])
+def test_a_finite_spike_is_dropped_inside_the_deepspeed_step(
+    tiny_data_dir: Path, tmp_path: Path, strategy: str
+) -> None:
+    """DeepSpeed skips non-finite fp32 steps on its own; a finite spike (loss x100 on rank 1) only the
+    guard's gate in the ZeRO step can drop. The weights after the step equal those before it."""
+    out, record = tmp_path / "run", tmp_path / "record"
+    spike = fault("scale_loss", record, factor=100)
+    run_script(args(tiny_data_dir, out, strategy, spike, "guard.min_history=2", "guard.window=2"), timeout=300)
+    for rank in (0, 1):
+        assert json.loads((record / f"decisions-rank{rank}.json").read_text())["skipped"] == [BAD]
+        before, skipped = (torch.load(record / f"weights-rank{rank}-step{s}.pt") for s in (BAD - 1, BAD))
+        for name in before:
+            assert torch.equal(before[name], skipped[name]), (strategy, rank, name)
+    guard = json.loads((out / "summary.json").read_text())["guard"]
+    assert [e["kind"] for e in guard["events"]] == ["loss_spike"]
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_stop_saves_and_exits_with_its_code(tiny_data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
