@@ -216,8 +216,8 @@ class StepGuard(L.Callback):
             return f"non-finite {' and '.join(parts) or 'mean loss'}", "non_finite"
         c = self.config
         if len(self.losses) >= c.min_history and c.loss_spike_z is not None:
-            mean = statistics.fmean(self.losses)
-            std = max(statistics.pstdev(self.losses), 1e-8 * max(abs(mean), 1.0))
+            mean, std = _mean_std(self.losses)
+            std = max(std, 1e-8 * max(abs(mean), 1.0))
             z = (loss - mean) / std
             if z > c.loss_spike_z:
                 return (
@@ -274,6 +274,14 @@ _ADVICE = (
     "the run keeps producing bad steps: inspect the events in summary.json, lower optim.lr or "
     "re-warm (scheduler.warmup_steps), or raise the cap and re-run the same command to resume"
 )
+
+
+def _mean_std(values: deque[float]) -> tuple[float, float]:
+    """Mean and population standard deviation in plain floats (statistics.pstdev's exact arithmetic
+    cost ~0.2 ms per step over a 200-step window)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in values) / n)
 
 
 def _world() -> tuple[int, int]:
