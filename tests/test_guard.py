@@ -134,6 +134,8 @@ def test_nan_on_rank_1_is_skipped_by_every_rank(tiny_data_dir: Path, tmp_path: P
         assert any(not torch.equal(skipped[n], after[n]) for n in before), (strategy, rank, "no update after the skip")
     guard = json.loads((out / "summary.json").read_text())["guard"]
     assert guard["skipped_steps"] == [BAD] and guard["events"][0]["ranks"] == [1]
+    rows = logged(out)  # the CSV's step column counts the steps done before the row's step
+    assert [rows[s]["guard/skipped_steps"] for s in range(STEPS)] == ["0.0"] * (BAD - 1) + ["1.0"] * (STEPS - BAD + 1)
     assert guard["stopped"] is None
 
 

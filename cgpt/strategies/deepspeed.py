@@ -100,6 +100,10 @@ class CgptDeepSpeedStrategy(DeepSpeedStrategy):
         sits in that call, so it runs once per step on every rank (it may be a collective).
         """
         optimizer = self.deepspeed_engine.optimizer
+        if hasattr(optimizer, "_cgpt_step_gate"):  # installed by an earlier fit: only the gate changes
+            optimizer._cgpt_step_gate[0] = gate
+            return
+        gates = optimizer._cgpt_step_gate = [gate]
         stage3 = hasattr(optimizer, "_get_norm_groups")
         norm_name = "_get_norm_groups" if stage3 else "scaled_global_norm"
         if not (hasattr(optimizer, norm_name) and hasattr(optimizer, "_update_scale")):
@@ -123,7 +127,7 @@ class CgptDeepSpeedStrategy(DeepSpeedStrategy):
                 groups = torch.stack([torch.as_tensor(n).float().reshape(()) for n in (norm if stage3 else [norm])])
                 total = torch.where((groups < 0).any(), float("nan"), torch.linalg.vector_norm(groups))
                 total = total / optimizer.loss_scale
-            if gate(total):
+            if gates[0](total):
                 optimizer.overflow = has_overflow = True
             return original_update(has_overflow)
 
