@@ -106,6 +106,7 @@ class StepGuard(L.Callback):
         self.max_loss_z: float | None = None  # the largest score a good step reached: how close to a false alarm
         self.max_norm_ratio: float | None = None
         self.stop_reason: str | None = None
+        self.inactive: str | None = None  # why the guard stands aside in this run (fp16 loss scaling)
         self.saved_step: int | None = None
         self._trainer: L.Trainer | None = None
         self._loss: torch.Tensor | None = None  # this optimizer step's mean loss so far (on the device)
@@ -120,13 +121,18 @@ class StepGuard(L.Callback):
     # --- wiring --------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer = trainer
-        if stage == "fit" and hasattr(pl_module, "step_gate"):
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            self.inactive = _FP16
+        elif stage == "fit" and hasattr(pl_module, "step_gate"):
             pl_module.step_gate = self.decide
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         install = getattr(trainer.strategy, "set_step_gate", None)
-        if install is not None:  # DeepSpeed: the engine owns the step, the gate goes inside it
-            install(self.decide)
+        if install is not None and self.inactive is None:  # DeepSpeed: the engine owns the step, the gate goes in it
+            if not install(self.decide):
+                self.inactive = _FP16
+        if self.inactive is not None:
+            _print(trainer, f"guard: inactive: {self.inactive}")
         self.consecutive = 0  # a (re)start is a fresh chance; the per-run cap max_skips still counts
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -249,6 +255,7 @@ class StepGuard(L.Callback):
         """The ``guard`` section of summary.json."""
         return {
             "enabled": True,
+            "inactive": self.inactive,
             "action": self.config.action,
             "skipped_steps": [e["step"] for e in self.events],
             "events": self.events,
@@ -272,6 +279,7 @@ class StepGuard(L.Callback):
         self.max_norm_ratio = state.get("max_norm_ratio")
 
 
+_FP16 = "fp16 with dynamic loss scaling skips non-finite steps itself (and expects some); no spike checks either"
 _ADVICE = (
     "the run keeps producing bad steps: inspect the events in summary.json, lower optim.lr or "
     "re-warm (scheduler.warmup_steps), or raise the cap and re-run the same command to resume"

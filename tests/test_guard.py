@@ -79,6 +79,19 @@ def test_caps_turn_skip_into_stop_and_state_round_trips() -> None:
     assert feed(stop, math.nan) and "guard.action=stop" in stop.stop_reason
 
 
+def test_the_guard_stands_aside_under_fp16_loss_scaling() -> None:
+    from types import SimpleNamespace
+
+    guard = StepGuard(GuardConfig(), "unused")
+    module = SimpleNamespace(step_gate=None)
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()))
+    guard.setup(trainer, module, "fit")
+    assert module.step_gate is None and "fp16" in guard.summary()["inactive"]
+    guard = StepGuard(GuardConfig(), "unused")
+    guard.setup(SimpleNamespace(precision_plugin=SimpleNamespace()), module, "fit")
+    assert module.step_gate == guard.decide and guard.summary()["inactive"] is None
+
+
 def test_guard_config_errors_are_clear() -> None:
     with pytest.raises(ConfigError, match="guard.action"):
         GuardConfig(action="rollbak")

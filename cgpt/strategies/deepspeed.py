@@ -90,7 +90,7 @@ class CgptDeepSpeedStrategy(DeepSpeedStrategy):
         norm = self.deepspeed_engine.get_global_grad_norm() if self.model is not None else None
         return None if norm is None else torch.as_tensor(norm, dtype=torch.float32).detach()
 
-    def set_step_gate(self, gate: Callable[[torch.Tensor | None], bool]) -> None:
+    def set_step_gate(self, gate: Callable[[torch.Tensor | None], bool]) -> bool:
         """Call ``gate(pre-clip global norm)`` inside every ZeRO optimizer step, after the norm and
         before the update; when it returns True the step is dropped through DeepSpeed's own overflow
         path (gradients and reduction buffers cleared, weights and optimizer state untouched).
@@ -98,11 +98,16 @@ class CgptDeepSpeedStrategy(DeepSpeedStrategy):
         ZeRO 1/2 (``scaled_global_norm``) and ZeRO 3 (``_get_norm_groups``) compute the norm, then
         both call ``_update_scale(overflow)`` before the update or the overflow clean-up: the gate
         sits in that call, so it runs once per step on every rank (it may be a collective).
+
+        Returns False (nothing installed) under fp16: dynamic loss scaling overflows, and skips, by
+        design, so those skips are not faults.
         """
         optimizer = self.deepspeed_engine.optimizer
+        if getattr(optimizer, "dtype", None) == torch.float16:
+            return False
         if hasattr(optimizer, "_cgpt_step_gate"):  # installed by an earlier fit: only the gate changes
             optimizer._cgpt_step_gate[0] = gate
-            return
+            return True
         gates = optimizer._cgpt_step_gate = [gate]
         stage3 = hasattr(optimizer, "_get_norm_groups")
         norm_name = "_get_norm_groups" if stage3 else "scaled_global_norm"
@@ -133,6 +138,7 @@ class CgptDeepSpeedStrategy(DeepSpeedStrategy):
 
         setattr(optimizer, norm_name, norm_hook)
         optimizer._update_scale = update_hook
+        return True
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         save = super().save_checkpoint
