@@ -128,6 +128,12 @@ STRATEGIES = [
 ]
 
 
+OFFLOAD = [
+    pytest.param(name, marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed missing"))
+    for name in ("deepspeed_stage_2_offload", "deepspeed_stage_3_offload")
+]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -154,7 +160,7 @@ def test_nan_on_rank_1_is_skipped_by_every_rank(tiny_data_dir: Path, tmp_path: P
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("strategy", STRATEGIES[2:])
+@pytest.mark.parametrize("strategy", [*STRATEGIES[2:], *OFFLOAD])
 def test_a_finite_spike_is_dropped_inside_the_deepspeed_step(
     tiny_data_dir: Path, tmp_path: Path, strategy: str
 ) -> None:
