@@ -11,7 +11,7 @@ endif
 BIN := $(VENV)/bin
 DEMO_DATA := data/prepared/shakespeare
 
-.PHONY: install install-dev deepspeed-ops demo data test lint format clean
+.PHONY: install install-dev deepspeed-ops demo data test test-fast lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ deepspeed-ops: install-dev
 
 test: install-dev lint deepspeed-ops
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest -q -rs --durations=15 tests
+
+# The edit-test loop (about a minute on 2 cores): everything not marked slow. Subprocess, multi-process
+# and end-to-end tests are marked slow; `make test` (and CI) runs them all.
+test-fast: install-dev
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest -q -m "not slow" --durations=5 tests
 
 clean:
 	rm -rf outputs multirun $(DEMO_DATA) .pytest_cache

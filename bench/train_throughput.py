@@ -42,6 +42,7 @@ from cgpt.callbacks import ProgressPrinter, RunSummary, ThroughputMonitor
 from cgpt.config import ModelConfig
 from cgpt.guard import GuardConfig, StepGuard
 from cgpt.hardware import (
+    choose_lm_head,
     default_fused_loss,
     gpu_table_peak,
     peak_flops,
@@ -188,6 +189,62 @@ def run_plain(
     raise AssertionError("unreachable: the synthetic stream is endless")
 
 
+NANOGPT_VOCAB_MULTIPLE = 64  # nanoGPT pads GPT-2's 50257 to 50304 "for efficiency"
+
+
+def build_nanogpt_reference(module: CerebrasGPTModule, device: torch.device) -> torch.nn.Module:
+    """The same architecture configured as nanoGPT's ``train.py`` runs it: the vocabulary padded to a
+    multiple of 64 (50257 -> 50304) and the full-logits head (``fused_loss`` off)."""
+    from cgpt.model import GPT
+
+    cfg = module.model_config
+    vocab = -(-cfg.vocab_size // NANOGPT_VOCAB_MULTIPLE) * NANOGPT_VOCAB_MULTIPLE
+    ref_cfg = ModelConfig.from_dict({**cfg.to_dict(), "vocab_size": vocab, "name": "custom"})
+    with torch.device(device):
+        model = GPT(ref_cfg)
+    model.fused_loss = False
+    return model
+
+
+def run_nanogpt(
+    model: torch.nn.Module, data: Batches, args: argparse.Namespace, device: torch.device
+) -> tuple[float, float]:
+    """A reference a reader can trust without nanoGPT at hand: its training step on its CPU path.
+
+    nanoGPT's ``train.py`` on a CPU: no autocast (fp32, whatever the dtype setting), the loss as
+    ``F.cross_entropy`` over all logits, AdamW with weight decay 0.1 on >= 2-D parameters and 0 on
+    the rest, lr 6e-4, betas (0.9, 0.95), not fused (it fuses on CUDA only), gradient clipping at
+    1.0, ``zero_grad(set_to_none=True)``. On CUDA it autocasts like ``--precision``.
+    """
+    import torch.nn.functional as F
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), **extra)
+    dtype = precision_dtype(args.precision)
+    autocast = device.type == "cuda" and args.precision.endswith("-mixed")
+    t0 = clock(device)
+    for step, batch in enumerate(data.plain_loader(), start=1):
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            logits = model(tokens[:, :-1])
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), tokens[:, 1:].reshape(-1), ignore_index=-1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step == args.warmup:
+            t0 = clock(device)
+        if step == args.steps:
+            return elapsed(t0, device)
+    raise AssertionError("unreachable: the synthetic stream is endless")
+
+
 def run_cgpt(
     module: CerebrasGPTModule, data: Batches, args: argparse.Namespace, device: torch.device, guard: bool = False
 ) -> tuple[float, float]:
@@ -233,6 +290,16 @@ def run_cgpt_guarded(
     return run_cgpt(module, data, args, device, guard=True)
 
 
+def _head_shape(args: argparse.Namespace) -> tuple[int, int]:
+    """(d_model, vocab) of the benchmarked model, before it is built."""
+    overrides = {k: getattr(args, k) for k in SHAPE_KEYS if getattr(args, k) is not None}
+    if args.model not in ("custom", None):
+        cfg = ModelConfig.from_name(args.model, **overrides)
+    else:
+        cfg = ModelConfig(**{"n_layer": 1, "n_head": 1, **overrides})
+    return cfg.d_model, cfg.vocab_size
+
+
 def build_module(args: argparse.Namespace, device: torch.device) -> CerebrasGPTModule:
     overrides = {k: getattr(args, k) for k in SHAPE_KEYS if getattr(args, k) is not None}
     model = {"name": args.model, **overrides}
@@ -242,6 +309,8 @@ def build_module(args: argparse.Namespace, device: torch.device) -> CerebrasGPTM
     torch.manual_seed(args.seed)
     module = CerebrasGPTModule(model=model, compile=args.compile, fused_loss=args.fused_loss)
     module.set_runtime(args.seq_len, args.micro_batch)
+    module.lm_head_chunk = getattr(args, "head_chunk", None)
+    module.lm_head_pad = getattr(args, "head_pad", None)
     with torch.device(device):
         module.configure_model()  # built (and compiled) once; both loops train this same GPT
     return module
@@ -259,7 +328,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--precision {args.precision}: use bf16-mixed, 16-mixed, 32-true or auto")
     args.compile = resolve_compile(args.compile, device)
     args.fused_loss = resolve_fused_loss(args.fused_loss)
-    if args.fused_loss == "auto":
+    args.head_chunk = args.head_pad = None
+    if args.fused_loss == "auto" and device.type == "cpu":  # what a cgpt run decides on this CPU
+        head = choose_lm_head(precision_dtype(args.precision), *_head_shape(args))
+        args.fused_loss, args.head_chunk, args.head_pad = head.fused, head.chunk, head.pad
+        print(f"fused LM-head loss {head.describe()}", file=sys.stderr, flush=True)
+    elif args.fused_loss == "auto":
         args.fused_loss = default_fused_loss(device)
     if args.warmup < 1 or args.steps <= args.warmup:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}), and --warmup must be >= 1")
@@ -281,7 +355,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     flops_per_token = config.flops_per_token(args.seq_len)
     tokens = (args.steps - args.warmup) * args.micro_batch * args.seq_len
 
-    loops = {"plain": (run_plain, module), "cgpt": (run_cgpt, module)}
+    loops: dict[str, tuple[Any, Any]] = {"plain": (run_plain, module), "cgpt": (run_cgpt, module)}
+    if args.reference == "nanogpt":  # nanoGPT's CPU training step on the same shape (own weights)
+        loops["nanogpt"] = (run_nanogpt, build_nanogpt_reference(module, device))
     if args.guard == "on":  # the cgpt loop as runs are configured by default: with the step guard
         loops["cgpt"] = (run_cgpt_guarded, module)
     elif args.guard == "compare":  # both, interleaved: the guard's cost
@@ -330,6 +406,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "peak_memory_mb": memory[name],
             "tokens_per_sec_reps": [tokens / s for s in seconds[name]],
         }
+    if "nanogpt" in loops:
+        result["nanogpt"]["vocab_size"] = loops["nanogpt"][1].config.vocab_size
+        result["nanogpt"]["fp32_on_cpu"] = device.type == "cpu"
+        speedups = [r / c for r, c in zip(seconds["nanogpt"], seconds["cgpt"])]
+        result["ratio_cgpt_over_nanogpt"] = statistics.median(speedups)
+        result["ratio_nanogpt_reps"] = speedups
+        if device.type == "cpu":
+            cpu = [r / c for r, c in zip(cpu_seconds["nanogpt"], cpu_seconds["cgpt"])]
+            result["ratio_nanogpt_cpu_time"] = statistics.median(cpu)
     ratios = [p / c for p, c in zip(seconds["plain"], seconds["cgpt"])]
     result["ratio_cgpt_over_plain"] = statistics.median(ratios)
     result["ratio_reps"] = ratios
@@ -375,7 +460,7 @@ def report(result: dict[str, Any]) -> str:
         f"{result['timed_steps']} timed steps x {result['repeats']} reps, peak {result['peak_flops'] / 1e12:.2f} "
         f"TFLOP/s ({result['peak_source']})",
     ]
-    for name in ("plain", "cgpt", "cgpt_guard", "eager"):
+    for name in ("plain", "cgpt", "cgpt_guard", "eager", "nanogpt"):
         if name not in result:
             continue
         r = result[name]
@@ -393,6 +478,14 @@ def report(result: dict[str, Any]) -> str:
         reps = ", ".join(f"{r:.3f}" for r in result["guard_cost_reps"])
         lines.append(f"  step time with / without the guard: {result['guard_cost']:.3f} (median of {reps}); "
                      f"CPU time {result.get('guard_cost_cpu_time', float('nan')):.3f}")  # fmt: skip
+    if "ratio_cgpt_over_nanogpt" in result:
+        reps = ", ".join(f"{r:.3f}" for r in result["ratio_nanogpt_reps"])
+        fp32 = "fp32, " if result["nanogpt"]["fp32_on_cpu"] else ""
+        lines.append(
+            f"  cgpt / nanoGPT-configured loop ({fp32}vocab {result['nanogpt']['vocab_size']}, full logits): "
+            f"{result['ratio_cgpt_over_nanogpt']:.3f} (median of {reps})"
+            + (f"; in CPU time {result['ratio_nanogpt_cpu_time']:.3f}" if "ratio_nanogpt_cpu_time" in result else "")
+        )
     reps = ", ".join(f"{r:.3f}" for r in result["ratio_reps"])
     lines.append(f"  cgpt / plain throughput: {result['ratio_cgpt_over_plain']:.3f} (median of {reps})")
     if "ratio_cpu_time" in result:
@@ -418,6 +511,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed first steps (compilation happens here)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of both loops")
     p.add_argument("--compare-eager", action="store_true", help="also time the plain loop uncompiled (with --compile)")
+    p.add_argument(
+        "--reference",
+        choices=("nanogpt", "none"),
+        default="nanogpt",
+        help="also time nanoGPT's CPU training step on the same shape (fp32 on CPU, vocab padded to 50304)",
+    )
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm")
     p.add_argument("--log-every", type=int, default=10, help="Lightning log_every_n_steps")
     p.add_argument("--guard", choices=("off", "on", "compare"), default="off",

@@ -163,6 +163,8 @@ class TrainingDefaults:
         warmup_steps: linear warmup length.
         decay: ``linear`` or ``cosine`` decay after warmup.
         max_steps: total optimizer steps.
+        decay_steps: length of the decay after warmup; ``None``: to ``max_steps`` (every published
+            run but the 13B, whose phase-1 cosine is 174,081 steps long and stops at 57,000).
         adam_eps: AdamW epsilon.
         final_lr_ratio: the lr at the last step as a fraction of the peak (Cerebras-GPT: 0.1).
     """
@@ -172,6 +174,7 @@ class TrainingDefaults:
     warmup_steps: int
     decay: Literal["linear", "cosine"]
     max_steps: int
+    decay_steps: int | None = None
     adam_eps: float = 1e-8
     final_lr_ratio: float = 0.1
     betas: tuple[float, float] = field(default=(0.9, 0.95))

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Literal
 
 from cgpt.config import ConfigError, ModelConfig, TrainingDefaults, normalize_preset_name
+from cgpt.presets import CONTINUATIONS
 
 TOKENS_PER_PARAM = 20.0  # Chinchilla's compute-optimal data size per parameter
 FlopConvention = Literal["palm", "cerebras", "6nd"]
@@ -43,12 +44,22 @@ def training_flops(
 
 
 def published_tokens(preset: str) -> float:
-    """Tokens the published run of ``preset`` trained on (batch x steps x 2048; 13B in two phases)."""
+    """Tokens the published run of ``preset`` trained on: batch x steps x 2048, summed over its
+    phases (the 13B: 57,000 steps at batch 720, then 78,223 at batch 1080; 2.57e11)."""
+    return sum(p["tokens"] for p in published_phases(preset))
+
+
+def published_phases(preset: str) -> list[dict[str, float]]:
+    """Each phase of the published run of ``preset``: ``batch_size``, ``steps`` and ``tokens``
+    (one phase for every preset but the 13B; :data:`cgpt.presets.CONTINUATIONS` has the rest)."""
     key = normalize_preset_name(preset)
-    if key == "cerebras-gpt-13b":  # 57k steps at batch 720, then 78k at batch 1080
-        return (720 * 57_000 + 1080 * 78_000) * 2048.0
     t = TrainingDefaults.from_name(key)
-    return float(t.batch_size * t.max_steps * ModelConfig.from_name(key).block_size)
+    seq = ModelConfig.from_name(key).block_size
+    phases = [{"batch_size": t.batch_size, "steps": t.max_steps, "tokens": float(t.batch_size * t.max_steps * seq)}]
+    for c in CONTINUATIONS.get(key, ()):
+        steps = c["schedule_end"] - c["schedule_step"]
+        phases.append({"batch_size": c["batch_size"], "steps": steps, "tokens": float(c["batch_size"] * steps * seq)})
+    return phases
 
 
 def compute_optimal_tokens(config: ModelConfig, tokens_per_param: float = TOKENS_PER_PARAM) -> float:

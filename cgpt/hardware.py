@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
+import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -131,30 +136,205 @@ def gpu_table_peak(name: str) -> float | None:
 
 
 def peak_flops(device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16) -> float:
-    """Peak FLOP/s of ``device`` in ``dtype``: the table for known GPUs, a measured large matmul
-    on CPUs and unknown GPUs. On GPUs fp32 counts at half the bf16 peak (TF32 tensor cores)."""
+    """Peak FLOP/s of ``device`` in ``dtype``: the table for known GPUs; on CPUs and unknown GPUs a
+    large matmul measured once per machine and cached (:func:`cached_peak_flops`). On GPUs fp32
+    counts at half the bf16 peak (TF32 tensor cores)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         value = gpu_table_peak(torch.cuda.get_device_name(device))
         if value is not None:
             return value if dtype in (torch.bfloat16, torch.float16) else value / 2
-    return measured_matmul_flops(device, dtype)
+    return cached_peak_flops(device, dtype)
+
+
+PEAK_CACHE_ENV = "CGPT_CACHE_DIR"  # folder of cgpt's per-machine cache (default ~/.cache/cgpt)
+
+
+def peak_cache_path() -> Path:
+    """Where measured peaks are kept: ``$CGPT_CACHE_DIR`` or ``$XDG_CACHE_HOME/cgpt`` (``~/.cache/cgpt``)."""
+    folder = os.environ.get(PEAK_CACHE_ENV)
+    if not folder:
+        folder = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cgpt")
+    return Path(folder) / "peak_flops.json"
+
+
+def machine_key(device: torch.device, dtype: torch.dtype) -> str:
+    """What a measured peak depends on: the processor, the threads torch uses, the dtype, torch."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_model()
+        name += f", {torch.get_num_threads()} threads"
+    return f"{device.type}: {name} | {str(dtype).removeprefix('torch.')} | torch {torch.__version__}"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _cache_read(path: Path) -> dict[str, Any]:
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def _cache_write(path: Path, table: dict[str, Any]) -> None:
+    """Atomically; a read-only home is fine: the run measures and uses the value without keeping it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def cached_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """The measured peak of this machine (:func:`machine_key`) from :func:`peak_cache_path`;
+    measured and stored the first time. A peak measured at every start-up read low on a busy
+    machine, so a run's MFU came out above 90%; one quiet measurement, kept, is stable.
+    Delete the file to measure again (after a hardware or torch change the key changes anyway)."""
+    path, key = peak_cache_path(), machine_key(device, dtype)
+    table = _cache_read(path)
+    entry = table.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("flops"), int | float) and entry["flops"] > 0:
+        return float(entry["flops"])
+    flops = measured_matmul_flops(device, dtype)
+    table[key] = {"flops": flops, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    _cache_write(path, table)
+    return flops
+
+
+HEAD_PROBE_TOKENS = 512  # tokens the head choice is timed on (the ranking holds at any count: both stream the logits)
+
+
+@dataclass(frozen=True)
+class HeadChoice:
+    """Which LM-head loss a CPU run uses: ``fused`` with ``chunk`` tokens per chunk, or full logits."""
+
+    fused: bool
+    chunk: int | None
+    seconds: dict[str, float]  # the measurement it came from (CPU seconds per head forward+backward)
+    pad: int | None = None  # full logits over the vocabulary padded to a multiple of this
+
+    def describe(self) -> str:
+        chosen = f"fused/{self.chunk}" if self.fused else (f"full/pad{self.pad}" if self.pad else "full")
+        others = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in sorted(self.seconds.items()) if k != chosen)
+        padded = f", vocabulary padded to a multiple of {self.pad}" if self.pad else ""
+        what = f"on, {self.chunk} tokens per chunk" if self.fused else f"off (full logits{padded})"
+        return f"{what}: measured on this CPU, {chosen} {self.seconds[chosen] * 1e3:.0f} ms vs {others}"
+
+
+def choose_lm_head(dtype: torch.dtype, d_model: int, vocab: int) -> HeadChoice:
+    """The fastest LM-head loss for this CPU, dtype and head shape: full logits (over the real or
+    the padded vocabulary), or the fused head at :func:`cgpt.lm_head.chunk_tokens` or 4x as many
+    tokens per chunk. Timed once per machine
+    (:func:`cgpt.lm_head.time_heads`, ~a second per variant) and kept beside the peak
+    (``lm_head.json`` in the folder of :func:`peak_cache_path`); delete it to measure again.
+
+    Why measured: on an AVX512_BF16 CPU in bf16 the fused head is 1.3-1.6x faster than full logits,
+    but on an AVX2-only CPU in fp32 it was 0.8x at d_model 384 (docs/design/fused-lm-head.md).
+    """
+    from cgpt.lm_head import chunk_tokens, time_heads
+
+    path = peak_cache_path().with_name("lm_head.json")
+    key = f"{machine_key(torch.device('cpu'), dtype)} | d_model {d_model} | vocab {vocab}"
+    table = _cache_read(path)
+    entry = table.get(key)
+    if not (isinstance(entry, dict) and isinstance(entry.get("seconds"), dict) and entry["seconds"].get("full")):
+        base = chunk_tokens(vocab)
+        seconds = time_heads(HEAD_PROBE_TOKENS, d_model, vocab, dtype, [base, 4 * base])
+        entry = {"seconds": seconds, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+        table[key] = entry
+        _cache_write(path, table)
+    seconds = {str(k): float(v) for k, v in entry["seconds"].items()}
+    best = min(seconds, key=seconds.__getitem__)
+    if best == "full":
+        return HeadChoice(False, None, seconds)
+    if best.startswith("full/pad"):
+        return HeadChoice(False, None, seconds, int(best.removeprefix("full/pad")))
+    return HeadChoice(True, int(best.split("/")[1]), seconds)
 
 
 @functools.cache
-def measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 0.5) -> float:
-    """FLOP/s of a large square matmul on ``device`` in ``dtype`` (a practical peak)."""
+def measured_matmul_flops(
+    device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 1.0, windows: int = 8
+) -> float:
+    """FLOP/s of a large square matmul on ``device`` in ``dtype`` (a practical peak): the best of
+    ``windows`` timings over ``seconds`` in all, since other work on the machine only slows one down."""
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_bf16():
         dtype = torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm up
-    iters, start = 0, time.perf_counter()
-    while True:
+    best, deadline = 0.0, time.perf_counter() + seconds
+    for _ in range(windows):
+        start = time.perf_counter()
         a @ b
-        iters += 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if time.perf_counter() - start > seconds:
+        best = max(best, 2 * n**3 / (time.perf_counter() - start))
+        if time.perf_counter() > deadline:
             break
-    return 2 * n**3 * iters / (time.perf_counter() - start)
+    return best
+
+
+# --- what a run decided, and why (its first lines) ----------------------------------------------
+def accelerator_device_type(accelerator: str | None) -> str:
+    """``cpu`` or ``cuda``: the device a ``trainer.accelerator`` setting trains on."""
+    if accelerator in ("gpu", "cuda"):
+        return "cuda"
+    if accelerator in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(accelerator)
+
+
+def explain_precision(setting: str | int | None, precision: str, accelerator: str | None = None) -> str:
+    """One line: the precision a run trains in and why (``setting`` is ``trainer.precision``)."""
+    if setting not in (None, "auto"):
+        return f"precision {precision}: set by trainer.precision"
+    if accelerator_device_type(accelerator) == "cuda":
+        why = "this GPU supports bf16" if precision.startswith("bf16") else "this GPU has no bf16"
+    elif cpu_has_bf16():
+        why = "this CPU has AVX512_BF16/AMX, where bf16 matmuls run about 2x faster than fp32"
+    else:
+        why = "this CPU has no AVX512_BF16/AMX, so bf16 would be emulated and far slower than fp32"
+    return f"precision {precision} (auto): {why}"
+
+
+def explain_compile(setting: bool | str | None, accelerator: str | None = None) -> str:
+    """One line: whether the model is compiled and why (``setting`` is the ``compile`` key)."""
+    device = accelerator_device_type(accelerator)
+    on = resolve_compile(setting, device)
+    if setting not in (None, "auto"):
+        return f"compile {'on' if on else 'off'}: set by compile={setting}"
+    if on:
+        return "compile on (auto): CUDA, where fused kernels pay for the compile time"
+    return "compile off (auto): on CPUs torch.compile was not faster (docs/design/cpu-training-speed.md)"
+
+
+def explain_fused_loss(
+    setting: bool | str | None, accelerator: str | None = None, choice: HeadChoice | None = None
+) -> str:
+    """One line: which LM-head loss the run uses and why (``setting`` is the ``fused_loss`` key,
+    ``choice`` the measured :func:`choose_lm_head` behind ``auto`` on a CPU)."""
+    device = accelerator_device_type(accelerator)
+    resolved = resolve_fused_loss(setting)
+    if resolved != "auto":
+        return f"fused LM-head loss {'on' if resolved else 'off'}: set by fused_loss={setting}"
+    if choice is not None:
+        return f"fused LM-head loss {choice.describe()} (auto)"
+    if default_fused_loss(device):
+        return (
+            "fused LM-head loss on (auto): on CPUs the chunked head skips the tokens x vocab logits "
+            "(docs/design/fused-lm-head.md)"
+        )
+    return "fused LM-head loss off (auto): CUDA keeps the full-logits head, which compile fuses"

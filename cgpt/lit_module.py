@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from cgpt.config import ConfigError, ModelConfig, TrainingDefaults, normalize_preset_name
 from cgpt.hardware import resolve_compile, resolve_fused_loss
 from cgpt.model import GPT
-from cgpt.optim import OptimConfig, SchedulerConfig, build_optimizer, build_scheduler
+from cgpt.optim import OptimConfig, SchedulerConfig, build_optimizer, build_scheduler, resolve_schedule
 from cgpt.presets import PRESETS
 from cgpt.strategies import clip_grad_norm, clipped_grad_norm, clips_in_optimizer_step, grad_norm
 
@@ -53,6 +52,8 @@ class CerebrasGPTModule(L.LightningModule):
         self.scheduler_config = SchedulerConfig(**(scheduler or {}))
         self.compile = compile
         self.fused_loss = resolve_fused_loss(fused_loss)
+        self.lm_head_chunk: int | None = None  # tokens per fused-loss chunk (cgpt.hardware.choose_lm_head)
+        self.lm_head_pad: int | None = None  # full-logits loss over the vocabulary padded to a multiple of this
         self.recipe = _recipe_for(self.model_config)
         self.model: GPT | None = None
         self.tokens_per_step = 0  # set by set_runtime(); used for "tokens seen"
@@ -92,6 +93,8 @@ class CerebrasGPTModule(L.LightningModule):
         cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
         self.rng_after_build = (torch.get_rng_state(), cuda)
         self.model.fused_loss = self.fused_loss
+        self.model.lm_head.chunk = self.lm_head_chunk
+        self.model.lm_head.pad_vocab_to = self.lm_head_pad
         # Built on empty partitions (DeepSpeed ZeRO-3's zero.Init): the strategy gathers them after the
         # build and calls reinitialize_weights(), which loads init_from then.
         partitioned = any(p.numel() == 0 for p in self.model.parameters())
@@ -251,30 +254,45 @@ class CerebrasGPTModule(L.LightningModule):
         max_steps = self.trainer.max_steps
         if max_steps is None or max_steps <= 0:
             raise ConfigError("trainer.max_steps must be set (> 0): the lr schedule decays to its end")
-        lr, eps, warmup, decay = self.resolved_recipe(max_steps)
+        lr, eps, _, _ = self.resolved_recipe(max_steps)
         optim_config = self.optim_config
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None and optim_config.fused is None:
             optim_config = OptimConfig(**{**optim_config.__dict__, "fused": False})  # fp16 scaler unscales
         optimizer = build_optimizer(self.model, lr, optim_config, eps, self.model_config.width_mult)
-        scheduler = build_scheduler(optimizer, warmup, max_steps, decay, self.scheduler_config.final_lr_ratio)
+        s = resolve_schedule(self.scheduler_config, self.recipe, max_steps)
+        scheduler = build_scheduler(
+            optimizer, s.warmup_steps, max_steps, s.decay, s.final_lr_ratio, s.decay_steps, s.step_offset
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def resolved_recipe(self, max_steps: int) -> tuple[float, float, int, str]:
-        """(peak lr, eps, warmup steps, decay) after filling unset values from the preset.
-
-        An unset warmup keeps the preset's warmup *fraction* of its published step count, so a
-        shortened run still warms up over the same share of training.
-        """
+        """(peak lr, eps, warmup steps, decay) after filling unset values from the preset
+        (:func:`cgpt.optim.resolve_schedule` has the rest of the schedule)."""
         r = self.recipe
         lr = self.optim_config.lr if self.optim_config.lr is not None else r.lr
         eps = self.optim_config.eps if self.optim_config.eps is not None else r.adam_eps
-        decay = self.scheduler_config.decay or r.decay
-        warmup = self.scheduler_config.warmup_steps
-        if warmup is None:
-            warmup = math.ceil(max_steps * r.warmup_steps / r.max_steps)
-        if warmup >= max_steps:
-            raise ConfigError(f"scheduler.warmup_steps={warmup} must be below trainer.max_steps={max_steps}")
-        return lr, eps, warmup, decay
+        s = resolve_schedule(self.scheduler_config, r, max_steps)
+        return lr, eps, s.warmup_steps, s.decay
+
+    def on_train_start(self) -> None:
+        """Apply the configured schedule at the step this run starts from.
+
+        On a resume the optimizer state brings back the lr of the last step under the old schedule;
+        a resume that changes the schedule (``scheduler.step_offset``, ``decay_steps``) takes effect
+        from its first step, not one step late.
+        """
+        offset = self.scheduler_config.step_offset
+        if self.global_step + offset < 0:
+            raise ConfigError(
+                f"scheduler.step_offset={offset} puts step {self.global_step} at schedule position "
+                f"{self.global_step + offset} < 0: the offset re-bases a resume (resume=<checkpoint at step "
+                f">= {-offset}>); set scheduler.step_offset=0 for a fresh run"
+            )
+        config = self.trainer.lr_scheduler_configs[0] if self.trainer.lr_scheduler_configs else None
+        sched = config.scheduler if config is not None else None
+        if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+            for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+                group["lr"] = base * fn(sched.last_epoch)
 
 
 def _recipe_for(config: ModelConfig) -> TrainingDefaults:

@@ -16,6 +16,7 @@ weight around module calls, not around attribute reads.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ IGNORE_INDEX = -100
 # Logits of one chunk in fp32 are sized to stay in a CPU's last-level cache (measured best at
 # ~24 MiB: 128 tokens x 50257 on an EPYC with 2 cores; 64 and 256 tokens were 13-19% slower).
 CHUNK_BYTES = 24 << 20
+PAD_VOCAB_MULTIPLE = 64  # the full-logits loss may pad the vocabulary to this (50257 -> 50304)
 
 
 def chunk_tokens(vocab_size: int) -> int:
@@ -121,6 +123,10 @@ class LMHead(nn.Linear):
 
     def __init__(self, d_model: int, vocab_size: int) -> None:
         super().__init__(d_model, vocab_size, bias=False)
+        self.chunk: int | None = None  # tokens per chunk of the fused loss; None: chunk_tokens(vocab)
+        # The full-logits loss pads the vocabulary to a multiple of this (None: not padded). Inside
+        # the loss only: the weight, the logits returned and checkpoints keep the real vocabulary.
+        self.pad_vocab_to: int | None = None
 
     def forward(  # type: ignore[override]
         self,
@@ -131,10 +137,85 @@ class LMHead(nn.Linear):
         fused: bool = False,
     ) -> torch.Tensor:
         if targets is not None and fused:
-            return linear_cross_entropy(x, self.weight, targets, scale, ignore_index)
+            return linear_cross_entropy(x, self.weight, targets, scale, ignore_index, self.chunk)
+        if targets is not None and self.pad_vocab_to and self.out_features % self.pad_vocab_to:
+            return padded_cross_entropy(x, self.weight, targets, scale, ignore_index, self.pad_vocab_to)
         logits = super().forward(x)
         if scale != 1.0:
             logits = logits * scale
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+
+
+def padded_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    scale: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+    multiple: int = 64,
+) -> torch.Tensor:
+    """The full-logits loss with the vocabulary padded to a multiple of ``multiple`` (50257 -> 50304).
+
+    Matmuls whose output width is a multiple of 64 run faster on CPUs (a fifth less CPU time for
+    the head at d_model 384 in fp32: docs/design/fused-lm-head.md). The padded rows of the weight
+    are zeros and their logits are set to -inf, so the softmax, the loss and every gradient equal
+    the unpadded ones (the padded rows' gradient is dropped with the padding).
+    """
+    vocab = weight.size(0)
+    padded = -(-vocab // multiple) * multiple
+    logits = F.linear(x, F.pad(weight, (0, 0, 0, padded - vocab)))
+    if scale != 1.0:
+        logits = logits * scale
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax in fp32 at least
+    logits[..., vocab:] = float("-inf")
+    return F.cross_entropy(logits.view(-1, padded), targets.reshape(-1), ignore_index=ignore_index)
+
+
+def time_heads(
+    tokens: int, d_model: int, vocab: int, dtype: torch.dtype, chunks: list[int], reps: int = 2
+) -> dict[str, float]:
+    """Process CPU seconds of one forward + backward of each head on this CPU: ``full`` (fp32 logits
+    then ``F.cross_entropy``, what ``fused_loss=false`` runs), ``full/pad64`` (the same over the
+    vocabulary padded to a multiple of 64: :func:`padded_cross_entropy`) and ``fused/N`` for each
+    chunk size N.
+
+    The best of ``reps`` after a warm-up, variants interleaved; CPU time rather than wall time, so
+    other processes on the machine do not decide the choice.
+    """
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(tokens, d_model, generator=g)
+    w0 = torch.randn(vocab, d_model, generator=g) * 0.02
+    y = torch.randint(0, vocab, (tokens,), generator=g)
+    autocast = dtype != torch.float32
+
+    def full(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype, enabled=autocast):
+            logits = x @ w.t()
+        return F.cross_entropy(logits.float(), y)
+
+    def full_padded(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype, enabled=autocast):
+            return padded_cross_entropy(x, w, y, multiple=PAD_VOCAB_MULTIPLE)
+
+    def fused(chunk: int):  # noqa: ANN202
+        def loss(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cpu", dtype, enabled=autocast):
+                return linear_cross_entropy(x, w, y, chunk=chunk)
+
+        return loss
+
+    variants = {"full": full, **{f"fused/{c}": fused(c) for c in chunks}}
+    if vocab % PAD_VOCAB_MULTIPLE:
+        variants[f"full/pad{PAD_VOCAB_MULTIPLE}"] = full_padded
+    best = dict.fromkeys(variants, float("inf"))
+    for rep in range(reps + 1):  # repetition 0 warms up
+        for name, fn in variants.items():
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            start = time.process_time()
+            fn(x, w).backward()
+            seconds = time.process_time() - start
+            if rep:
+                best[name] = min(best[name], seconds)
+    return best

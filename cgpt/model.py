@@ -16,6 +16,9 @@ from cgpt.config import ModelConfig
 from cgpt.hardware import default_fused_loss
 from cgpt.lm_head import IGNORE_INDEX, LMHead
 
+# Truncated-normal init is cut at +-2 std (ModelZoo: a = -2 std, b = 2 std in every initializer).
+INIT_TRUNCATION_STDS = 2.0
+
 
 class KVCache(nn.Module):
     """Preallocated keys and values of one attention layer for incremental decoding."""
@@ -227,4 +230,5 @@ class GPT(nn.Module):
 
 
 def _trunc_normal_(p: torch.Tensor, std: float) -> None:
-    nn.init.trunc_normal_(p, mean=0.0, std=std, a=-2 * std, b=2 * std)
+    bound = INIT_TRUNCATION_STDS * std
+    nn.init.trunc_normal_(p, mean=0.0, std=std, a=-bound, b=bound)

@@ -15,7 +15,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cgpt.config import ConfigError, ModelConfig, TrainingDefaults, normalize_preset_name
-from cgpt.flops import TOKENS_PER_PARAM, compute_optimal_tokens, flops_per_token, published_tokens, training_flops
+from cgpt.flops import (
+    TOKENS_PER_PARAM,
+    compute_optimal_tokens,
+    flops_per_token,
+    published_phases,
+    published_tokens,
+    training_flops,
+)
 from cgpt.presets import PRESETS, PUBLISHED_TRAIN_FLOPS
 from cgpt.scaling_law import PUBLISHED_LAW, law_loss
 
@@ -105,6 +112,9 @@ class TrainingPlan:
     micro_batch_size: int = 1
     activation_checkpointing: bool = False
     published_train_flops: float | None = None
+    # The published run of a preset, phase by phase (batch_size, steps, tokens, FLOPs "cerebras"):
+    # one phase, or two for the 13B (57,000 steps at batch 720, then 78,223 at 1080).
+    published_phases: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -187,6 +197,10 @@ def plan_training(
         activation_checkpointing=activation_checkpointing,
         published_train_flops=PUBLISHED_TRAIN_FLOPS.get(key),
     )
+    if key in PRESETS and "tiny" not in key and "demo" not in key:
+        plan.published_phases = [
+            {**ph, "flops": training_flops(config, ph["tokens"], t, "cerebras")} for ph in published_phases(key)
+        ]
     world = gpus or 1
     plan.memory = {
         name: memory_per_device(config, strategy, world, micro_batch_size, t, activation_checkpointing)
@@ -238,6 +252,20 @@ def format_plan(plan: TrainingPlan) -> str:
         f"{plan.flops_per_token / 1e9:.3g} GFLOP/token)",
         f"Pile loss (law)  {plan.predicted_loss:.3f} predicted by the published scaling law",
     ]
+    if len(plan.published_phases) > 1:
+        parts = [
+            f"phase {i}: {ph['steps']:,.0f} steps x batch {ph['batch_size']:.0f} = {ph['tokens']:.3e} tokens, "
+            f"{ph['flops']:.3e} FLOPs"
+            for i, ph in enumerate(plan.published_phases, 1)
+        ]
+        total = sum(ph["flops"] for ph in plan.published_phases)
+        tokens = sum(ph["tokens"] for ph in plan.published_phases)
+        lines.append(f"published run    {parts[0]}")
+        lines += [f"                 {p}" for p in parts[1:]]
+        lines.append(
+            f"                 together {tokens:.3e} tokens, {total:.3e} FLOPs"
+            + (f" (published {plan.published_train_flops:.2e})" if plan.published_train_flops else "")
+        )
     if plan.wall_time_s is not None:
         peak = gpu_peak_flops(plan.gpu or "H100")
         lines.append(
@@ -264,7 +292,7 @@ def format_plan(plan: TrainingPlan) -> str:
 # --- the command line (train/plan.py) ---------------------------------------------------------
 INT_KEYS = {"n_layer", "d_model", "n_head", "d_ffn", "block_size", "seq_len", "batch_size", "gpus", "micro_batch_size"}
 FLOAT_KEYS = {"tokens", "compute", "tokens_per_param", "lr", "warmup_tokens", "mfu"}
-BOOL_KEYS = {"activation_checkpointing", "json", "compare"}
+BOOL_KEYS = {"activation_checkpointing", "json", "compare", "certificate"}
 STR_KEYS = {"model", "gpu"}
 SHAPE_KEYS = {"n_layer", "d_model", "n_head", "d_ffn", "block_size"}
 
@@ -315,6 +343,9 @@ def compare_published() -> str:
         cfg = ModelConfig.from_name(name)
         tokens = published_tokens(name)
         flops = flops_per_token(cfg, 2048, "cerebras") * tokens
+        phases = published_phases(name)
+        if len(phases) > 1:  # the FLOPs of a run in phases are their sum
+            name += " (" + " + ".join(f"{p['steps']:,.0f} x {p['batch_size']:.0f}" for p in phases) + " seqs)"
         rows.append(
             f"| {name} | {cfg.num_params() / 1e6:.0f}M | {tokens:.3g} | {flops:.3g} | {published:.2g} "
             f"| {flops / published:.3f} |"
@@ -326,6 +357,12 @@ def plan_cli(argv: list[str], strategies: dict[str, dict[str, Any]] | None = Non
     """Parse ``argv`` (see :func:`parse_plan_args`), plan and print the plan (text or JSON) or, with
     ``compare=true``, the published comparison. ``strategies`` defaults to :func:`strategy_configs`."""
     args = parse_plan_args(argv, usage)
+    if args.pop("certificate", False):  # exit status 1 when a field does not match
+        from cgpt.certificate import certificate, format_certificate
+
+        rows = certificate()
+        print(format_certificate(rows))
+        return 0 if all(r.match for r in rows) else 1
     if args.pop("compare", False):
         print(compare_published())
         return 0

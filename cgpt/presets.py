@@ -8,6 +8,7 @@ published recipe (keys of :class:`cgpt.config.TrainingDefaults`) under ``train``
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 # muP (Cerebras-GPT-muP): base width 256, eta_base 6e-3, sigma_base 0.08, embedding multiplier 10.
@@ -19,7 +20,13 @@ MUP_EMBEDDING_MULTIPLIER = 10.0
 PRESETS: dict[str, dict[str, Any]] = {
     # --- the published family (standard parametrization) -------------------------------------
     "cerebras-gpt-111m": {
-        "model": {"n_layer": 10, "d_model": 768, "n_head": 12, "d_ffn": 3072, "output_init_std": 0.004472},
+        "model": {
+            "n_layer": 10,
+            "d_model": 768,
+            "n_head": 12,
+            "d_ffn": 3072,
+            "output_init_std": 0.02 / math.sqrt(2 * 10),  # exact: ModelZoo's yaml has 17 digits
+        },
         "train": {
             "lr": 6.0e-4,
             "batch_size": 120,
@@ -30,7 +37,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
     "cerebras-gpt-256m": {
-        "model": {"n_layer": 14, "d_model": 1088, "n_head": 17, "d_ffn": 4352, "output_init_std": 0.003780},
+        "model": {
+            "n_layer": 14,
+            "d_model": 1088,
+            "n_head": 17,
+            "d_ffn": 4352,
+            "output_init_std": 0.02 / math.sqrt(2 * 14),  # exact: ModelZoo's yaml has 17 digits
+        },
         "train": {
             "lr": 6.0e-4,
             "batch_size": 264,
@@ -41,7 +54,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
     "cerebras-gpt-590m": {
-        "model": {"n_layer": 18, "d_model": 1536, "n_head": 12, "d_ffn": 6144, "output_init_std": 0.003333},
+        "model": {
+            "n_layer": 18,
+            "d_model": 1536,
+            "n_head": 12,
+            "d_ffn": 6144,
+            "output_init_std": 0.02 / math.sqrt(2 * 18),  # exact: ModelZoo's yaml has 17 digits
+        },
         "train": {
             "lr": 2.0e-4,
             "batch_size": 264,
@@ -86,8 +105,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
     "cerebras-gpt-13b": {
-        # Published run: 57k steps at batch 720 (warmup 254), then 78k more at batch 1080 (warmup 169).
-        # The preset carries the first phase; the continuation is an override of batch and steps.
+        # Published run in two phases (ModelZoo 13b_bs720.yaml, then 13b_bs1080.yaml). The preset is
+        # phase 1: 57,000 steps at batch 720 whose cosine is 174,081 steps long, so it ends at 0.78x
+        # peak. Phase 2 (CONTINUATIONS below) is a resume: docs/pretraining.md#the-13b-run-in-two-phases.
         "model": {"n_layer": 40, "d_model": 5120, "n_head": 40, "d_ffn": 20480, "output_init_std": 0.0025},
         "train": {
             "lr": 1.2e-4,
@@ -95,6 +115,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "warmup_steps": 254,
             "decay": "cosine",
             "max_steps": 57000,
+            "decay_steps": 174081,
             "adam_eps": 1e-9,
         },
     },
@@ -121,6 +142,24 @@ PRESETS: dict[str, dict[str, Any]] = {
             "adam_eps": 1e-8,
         },
     },
+}
+
+# Runs published in more than one phase: the later phases, each a resume of the previous one with
+# a new global batch and the schedule re-based. ModelZoo reset the global step of the 13B phase-1
+# checkpoint to 38,000 (= 57,000 x 720 / 1080: the same tokens at the new batch) and trained on with
+# a 169-step warmup (already passed) and a 116,054-step cosine to step 116,223. 116,054 x 1080 =
+# 174,081 x 720, so both phases follow one cosine in tokens.
+CONTINUATIONS: dict[str, list[dict[str, Any]]] = {
+    "cerebras-gpt-13b": [
+        {
+            "batch_size": 1080,
+            "resume_step": 57000,  # the phase-1 checkpoint's global step
+            "schedule_step": 38000,  # where the schedule stands at that step
+            "warmup_steps": 169,
+            "decay_steps": 116054,
+            "schedule_end": 116223,  # ModelZoo's max_steps: 78,223 more steps
+        }
+    ],
 }
 
 # muP variants of the published sizes 111M ... 2.7B: the same shapes with muP switched on and the

@@ -6,6 +6,7 @@ first lines, before torch and Lightning take seconds to import.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import warnings
@@ -36,14 +37,53 @@ def release_signals() -> None:
         signal.signal(getattr(signal, name), signal.SIG_DFL)
 
 
+# Lightning's info lines that say nothing a cgpt user can act on: an advertisement, accelerators
+# the run does not use, and the precision (cgpt's own first lines say which and why).
+LIGHTNING_NOISE = (
+    "💡 Tip:",
+    "GPU available: False",
+    "TPU available:",
+    "HPU available:",
+    "Using bfloat16 Automatic Mixed Precision",
+    "Using 16bit Automatic Mixed Precision",
+)
+# Lightning's rank-zero messages come from these loggers (the pytorch one in a training run).
+LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+class _DropPrefixes(logging.Filter):
+    """Drop log records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.prefixes)
+
+
 def quiet_third_party() -> None:
     """Silence third-party messages a cgpt user cannot act on; never warnings about their own config.
 
+    Called by the entry points only (:func:`prepare_entry_point`), so a library user of cgpt keeps
+    every message. Each filter matches one known message, never a whole category or module:
+
     - Lightning hints "srun is available but not used" wherever the SLURM client is installed;
       outside a job (a laptop or login node) that is noise. Inside a job it stays.
+    - Lightning's ``_pytree`` calls ``isinstance(x, LeafSpec)``, which recent torch deprecates
+      (a FutureWarning about Lightning's code, printed on every run).
+    - Lightning's info lines in :data:`LIGHTNING_NOISE`: the litlogger advertisement, "GPU
+      available: False" and TPU/HPU lines, and its AMP line (cgpt prints the precision with why).
     """
     if "SLURM_JOB_ID" not in os.environ:
         warnings.filterwarnings("ignore", message="The `srun` command is available")
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
+    for name in LIGHTNING_INFO_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropPrefixes) for f in logger.filters):
+            logger.addFilter(_DropPrefixes(LIGHTNING_NOISE))
 
 
 def follow_output_dir(argv: list[str]) -> list[str]:

@@ -20,11 +20,20 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from cgpt.callbacks import RunSummary
 from cgpt.checkpoint import AtomicCheckpointIO
 from cgpt.guard import EXIT_GUARD_STOPPED, StepGuard, build_guard
-from cgpt.hardware import resolve_precision
+from cgpt.hardware import (
+    accelerator_device_type,
+    choose_lm_head,
+    explain_compile,
+    explain_fused_loss,
+    explain_precision,
+    precision_dtype,
+    resolve_precision,
+)
 from cgpt.loggers import SampleLogger
 from cgpt.preemption import PreemptionHandler
 from cgpt.preflight import check_run, plan_batch
@@ -145,7 +154,21 @@ def build(
     )  # fmt: skip
     check_environment(trainer_cfg["devices"], trainer_cfg["num_nodes"])  # srun tasks == devices x nodes
     module.set_runtime(datamodule.seq_len, plan.global_batch_size)
-    trainer_cfg["precision"] = resolve_precision(trainer_cfg["precision"], trainer_cfg["accelerator"])
+    precision_setting = trainer_cfg["precision"]
+    trainer_cfg["precision"] = resolve_precision(precision_setting, trainer_cfg["accelerator"])
+    fused_setting, head = module.fused_loss, None
+    if fused_setting == "auto" and accelerator_device_type(trainer_cfg["accelerator"]) == "cpu":
+        # which head is faster depends on the CPU (AVX512_BF16 or not), the dtype and the width
+        cfg = module.model_config
+        head = choose_lm_head(precision_dtype(trainer_cfg["precision"]), cfg.d_model, cfg.vocab_size)
+        module.fused_loss, module.lm_head_chunk, module.lm_head_pad = head.fused, head.chunk, head.pad
+    decisions = [
+        explain_precision(precision_setting, trainer_cfg["precision"], trainer_cfg["accelerator"]),
+        explain_compile(module.compile, trainer_cfg["accelerator"]),
+        explain_fused_loss(fused_setting, trainer_cfg["accelerator"], head),
+    ]
+    if rank_zero_only.rank == 0:  # the run's first lines: what was chosen for this machine, and why
+        print("\n".join(decisions), flush=True)
     strategy_cfg = dict(config.get("strategy") or {"name": "auto"})
     check_run(module.model_config, strategy_cfg, trainer_cfg, plan, datamodule.seq_len)  # before any process group
     strategy = build_strategy(strategy_cfg, trainer_cfg["accelerator"], trainer_cfg["devices"],
@@ -155,7 +178,7 @@ def build(
     resolved = dict(config)
     resolved["resolved"] = {"max_steps": max_steps, "accumulate_grad_batches": plan.accumulate_grad_batches,
                             "global_batch_size": plan.global_batch_size, "seq_len": datamodule.seq_len,
-                            "precision": trainer_cfg["precision"]}  # fmt: skip
+                            "precision": trainer_cfg["precision"], "decisions": decisions}  # fmt: skip
     summary = RunSummary(str(out_dir / "summary.json"), resolved)
     callbacks = [instantiate(c) for c in (config.get("callbacks") or {}).values() if c is not None] + [summary]
     # The step guard (cgpt/guard.py) and the hang watchdog (cgpt/watchdog.py): docs/fault-tolerance.md

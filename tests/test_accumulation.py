@@ -9,15 +9,12 @@ from the first real update. Here the per-step losses and the logged pre-clip ``g
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_script
 
-HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed missing: pip install 'cgpt[deepspeed]'")
 STEPS = 4
 TOL = 1e-5
 
@@ -47,7 +44,6 @@ def run(data_dir: Path, out: Path, strategy: str, accumulation: int) -> dict[int
     return metrics(out)
 
 
-@needs_deepspeed
 def test_deepspeed_backward_does_not_divide_by_the_accumulation_again(monkeypatch: pytest.MonkeyPatch) -> None:
     """Lightning's closure divides the loss by accumulate_grad_batches: the engine must not."""
     from lightning.pytorch.strategies import Strategy
@@ -61,7 +57,6 @@ def test_deepspeed_backward_does_not_divide_by_the_accumulation_again(monkeypatc
     assert seen == {"scale_wrt_gas": False}
 
 
-@needs_deepspeed
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("accumulation", [2])  # 1 was never affected; 4 drifts the same way as 2

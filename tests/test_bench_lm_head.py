@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import REPO_ROOT, run_script
 
@@ -12,6 +13,7 @@ from cgpt.lm_head import chunk_tokens
 SCRIPT = REPO_ROOT / "bench" / "lm_head_loss.py"
 
 
+@pytest.mark.slow
 def test_head_benchmark_times_every_variant(tmp_path) -> None:
     out = tmp_path / "head.json"
     args = ["--tokens", "96", "--d-model", "16", "--vocab", "300", "--chunks", "auto", "32", "--repeats", "1"]
@@ -24,8 +26,8 @@ def test_head_benchmark_times_every_variant(tmp_path) -> None:
     assert "fused/32" in proc.stdout and "x" in proc.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs CUDA to be absent: it checks the no-GPU message")
 def test_head_benchmark_skips_cuda_without_a_gpu() -> None:
-    if torch.cuda.is_available():
-        return
     proc = run_script([str(SCRIPT), "--device", "cuda", "--repeats", "1"])
     assert proc.stdout.strip() == "skipped: CUDA is not available on this machine"

@@ -28,6 +28,7 @@ def load_bench():
     return module
 
 
+@pytest.mark.slow
 def test_cpu_benchmark_reports_sane_figures_without_hydra_or_webdataset(tmp_path):
     out = tmp_path / "result.json"
     argv = [str(SCRIPT), *TINY, "--steps", "5", "--warmup", "1", "--repeats", "1", "--log-every", "2"]
@@ -52,6 +53,21 @@ def test_cpu_benchmark_reports_sane_figures_without_hydra_or_webdataset(tmp_path
     assert 0 < result["ratio_cgpt_over_plain"] < 10 and len(result["ratio_reps"]) == 1
     assert 0 < result["ratio_cpu_time"] < 10 and len(result["ratio_cpu_time_reps"]) == 1
     assert 0 < result["cgpt"]["mfu_logged_by_callback"] < 1
+    # the nanoGPT-configured reference: padded vocabulary, fp32 on CPU, its ratio beside cgpt's
+    assert result["nanogpt"]["vocab_size"] == 512 and result["nanogpt"]["fp32_on_cpu"] is True
+    assert result["nanogpt"]["tokens_per_sec"] > 0 and 0 < result["ratio_cgpt_over_nanogpt"] < 100
+    assert "cgpt / nanoGPT-configured loop (fp32, vocab 512, full logits)" in proc.stdout
+    assert "fused LM-head loss" in proc.stderr and "measured on this CPU" in proc.stderr
+
+
+def test_nanogpt_reference_pads_the_vocabulary_and_uses_full_logits():
+    bench = load_bench()
+    args = bench.parse_args([*TINY[:2], "--vocab-size", "500", "--seq-len", "16", "--micro-batch", "2"])
+    args.compile, args.fused_loss = False, False
+    module = bench.build_module(args, torch.device("cpu"))
+    ref = bench.build_nanogpt_reference(module, torch.device("cpu"))
+    assert ref.config.vocab_size == 512 and module.model_config.vocab_size == 500
+    assert ref.fused_loss is False and ref.config.n_layer == module.model_config.n_layer
 
 
 def test_gpu_path_skips_cleanly_without_cuda(monkeypatch, tmp_path, capsys):
@@ -105,6 +121,7 @@ def test_training_logs_mfu_against_the_given_peak_and_the_training_seq_len():
     assert {"train/loss", "train/ppl", "grad_norm", "lr"} <= set(m)
 
 
+@pytest.mark.slow  # several seconds: make test runs it, make test-fast does not
 def test_benchmark_reads_prepared_shards_with_the_real_datamodule(tiny_data_dir):
     bench = load_bench()
     argv = ["--model", "cerebras-gpt-tiny", "--micro-batch", "2", "--data", str(tiny_data_dir), "--device", "cpu"]

@@ -7,6 +7,7 @@ import json
 import shutil
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -73,9 +74,12 @@ def test_shard_url_pipe_reads_the_same_batches(data: Path) -> None:
 def test_state_dict_resumes_at_the_next_batch(data: Path, workers: int) -> None:
     full = _ids(PackedDataModule(str(data), micro_batch_size=4, seed=3).train_dataloader(), 9)
     first = PackedDataModule(str(data), micro_batch_size=4, seed=3)
-    for b in (b for _, b in zip(range(4), first.train_dataloader())):
+    first.trainer = SimpleNamespace(training=True, global_rank=0, world_size=1)  # counted only while training
+    batches = [b for _, b in zip(range(5), first.train_dataloader())]
+    for b in batches[:4]:
         first.on_before_batch_transfer(b, 0)  # what the trainer calls for each consumed batch
-    first.consumed_micro_batches = 4  # (the hook counts only while a trainer is training)
+    first.trainer.training = False  # a batch seen outside training (validation) is not a position
+    first.on_before_batch_transfer(batches[4], 0)
     state = first.state_dict()
     assert state["consumed_micro_batches"] == 4
     again = PackedDataModule(str(data), micro_batch_size=4, seed=3, num_workers=workers)

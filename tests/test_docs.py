@@ -121,6 +121,7 @@ def broken_links(page: Path) -> list[str]:
 
 CODE_PATH = re.compile(r"(?<![\w/.-])((?:cgpt|train|tests|conf|data|bench|slurm)/[\w./-]*\.(?:py|yaml))")
 DOTTED = re.compile(r"(?<![\w./-])(cgpt(?:\.\w+)+)")
+NAMED_TEST = re.compile(r"(tests/[\w/]+\.py)::(\w+)")  # a claim that names the test backing it
 
 
 def top_level_names(path: Path) -> set[str]:
@@ -151,6 +152,9 @@ def stale_code_names(text: str) -> list[str]:
         for path in CODE_PATH.findall(line):
             if not any(ch in path for ch in "*<{") and not (ROOT / path).exists():
                 problems.append(f"line {n}: {path} does not exist")
+        for path, test in NAMED_TEST.findall(line):
+            if (ROOT / path).is_file() and test not in top_level_names(ROOT / path):
+                problems.append(f"line {n}: {path} has no {test}")
         for dotted in DOTTED.findall(line):
             parts = dotted.split(".")
             depth = next((i for i in range(len(parts), 0, -1) if module_file(parts[:i])), 0)
@@ -388,9 +392,12 @@ def test_stale_code_names_are_caught() -> None:
         "`train/run.py` and `cgpt/scaling.py` are gone; `cgpt.sft.ChatTemplate` moved; `cgpt.nowhere`.\n"
         "`cgpt/weights/loading.py`, `cgpt.weights.load_gpt`, `cgpt.data.sft.ChatTemplate`, `conf/strategy/*.yaml`,\n"
         "`cgpt.strategies.SPECS` and `cgpt.cli.convert` exist.\n"
+        "`tests/test_resume.py::test_resume_prefers_complete_last_then_newest_complete_step` backs a claim;\n"
+        "`tests/test_resume.py::test_that_was_renamed` does not.\n"
     )
     problems = stale_code_names(text)
-    assert len(problems) == 4, problems
+    assert len(problems) == 5, problems
+    assert "tests/test_resume.py has no test_that_was_renamed" in problems[4]
     assert "train/run.py" in problems[0] and "cgpt/scaling.py" in problems[1]
     assert "cgpt.sft has no ChatTemplate" in problems[2] and "cgpt has no nowhere" in problems[3]
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import EVAL_CFG as CFG
+from conftest import reference_loglikelihood, to_hf
 
 from cgpt.config import ModelConfig
 from cgpt.data.tokenizer import get_tokenizer
@@ -29,7 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
 MC_TASK = DATA / "tiny_multiple_choice.jsonl"
 LAMBADA_TASK = DATA / "tiny_lambada.jsonl"
-CFG = dict(n_layer=2, d_model=64, n_head=4, d_ffn=256, block_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -41,49 +42,6 @@ def model() -> GPT:
             if name.endswith("bias") or ".ln_" in name or "ln_f" in name:
                 p.add_(0.1 * torch.randn_like(p))
     return m
-
-
-def to_hf(model: GPT):
-    """An independent copy into transformers' GPT2LMHeadModel (Conv1D weights are (in, out))."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    c = model.config
-    hf = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=c.vocab_size,
-            n_positions=c.block_size,
-            n_embd=c.d_model,
-            n_layer=c.n_layer,
-            n_head=c.n_head,
-            n_inner=c.d_ffn,
-            activation_function="gelu",
-            layer_norm_epsilon=c.layer_norm_eps,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            tie_word_embeddings=True,
-        )  # fmt: skip
-    ).eval()
-    state = {}
-    for k, v in model.state_dict().items():
-        if k == "lm_head.weight":
-            continue
-        transpose = k.endswith(".weight") and any(s in k for s in ("c_attn", "c_proj", "c_fc"))
-        state[k] = v.t().contiguous() if transpose else v
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and all("attn.bias" in k or "masked_bias" in k or k == "lm_head.weight" for k in missing)
-    hf.tie_weights()
-    return hf
-
-
-def reference_loglikelihood(hf, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
-    """One request at a time, no padding, no batching: the plainest possible computation."""
-    full = torch.tensor([ctx + cont])
-    with torch.no_grad():
-        logp = F.log_softmax(hf(full[:, :-1]).logits[0].double(), -1)
-    rows = logp[len(ctx) - 1 :]
-    target = torch.tensor(cont)
-    return rows[torch.arange(len(cont)), target].sum().item(), bool((rows.argmax(-1) == target).all())
 
 
 def requests(tok) -> list[tuple[list[int], list[int]]]:
@@ -137,7 +95,8 @@ def test_rolling_loglikelihood_matches_single_pass_and_windows(model):
     direct = logp[torch.arange(len(tokens)), seq[0, 1:]].sum().item()
     assert rolling_loglikelihood(model, tokens) == pytest.approx(direct, abs=1e-4)
     # In windows of 5 every token is still scored exactly once: compare with lm-eval's own windows.
-    lm_utils = pytest.importorskip("lm_eval.utils")
+    import lm_eval.utils as lm_utils
+
     expected = 0.0
     for ctx, pred in lm_utils.get_rolling_token_windows(tokens, 50256, 5, 1):
         (ll,) = loglikelihoods(model, [(list(ctx[: len(ctx) - len(pred) + 1]), list(pred))], block_size=5)
@@ -261,6 +220,7 @@ def test_load_model_from_checkpoint(model, tmp_path):
         load_model(tmp_path / "missing.ckpt")
 
 
+@pytest.mark.slow  # several seconds: make test runs it, make test-fast does not
 def test_evaluate_cli(model, tmp_path, small_val_dir, capsys):
     import cgpt.cli.evaluate as evaluate_cli
 

@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_evaluate import CFG, reference_loglikelihood, to_hf
+from conftest import EVAL_CFG as CFG
+from conftest import reference_loglikelihood, to_hf
 
 from cgpt.config import ModelConfig
 from cgpt.data.tokenizer import get_tokenizer
@@ -64,7 +65,7 @@ def test_constructor_needs_a_model():
 
 
 def test_registered_and_real_instances(model):
-    registry = pytest.importorskip("lm_eval.api.registry")
+    from lm_eval.api import registry
     from lm_eval.api.instance import Instance
 
     assert registry.get_model("cgpt") is CgptLM
@@ -74,20 +75,41 @@ def test_registered_and_real_instances(model):
 
 
 @pytest.mark.slow
-def test_simple_evaluate_matches_cgpt_evaluator(model, tmp_path, monkeypatch):
-    lm_eval = pytest.importorskip("lm_eval")
+def test_simple_evaluate_scores_every_request_as_cgpt_does(tmp_path, monkeypatch):
+    """lm-eval's own pipeline (task yaml, request building, batching) through the adapter gives, per
+    request, the log-likelihood cgpt's evaluator computes, on a model whose choices differ by whole
+    nats (an untrained model is near-uniform: accuracies alone would agree by accident)."""
+    import lm_eval
     from lm_eval.tasks import TaskManager
 
+    from cgpt.evaluate import encode_pair, loglikelihoods
+
+    torch.manual_seed(3)
+    sharp = GPT(ModelConfig(**CFG)).eval()
+    with torch.no_grad():
+        sharp.transformer.wte.weight.normal_(0, 1.0)  # large logits: far from uniform
     monkeypatch.chdir(ROOT)  # the task yaml names its data file relative to the repository
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    res = lm_eval.simple_evaluate(
-        model=CgptLM(model=model, batch_size=4),
+    out = lm_eval.simple_evaluate(
+        model=CgptLM(model=sharp, batch_size=4),
         tasks=["cgpt_tiny_mc"],
         task_manager=TaskManager(include_path=str(ROOT / "tests/data/lm_eval")),
-    )["results"]["cgpt_tiny_mc"]
-    ours = evaluate_multiple_choice(
-        model, get_tokenizer(), load_task(ROOT / "tests/data/tiny_multiple_choice.jsonl")[1]
+        log_samples=True,
     )
-    assert res["acc,none"] == pytest.approx(ours["acc"]) and res["acc_norm,none"] == pytest.approx(ours["acc_norm"])
+    tok = get_tokenizer()
+    examples = load_task(ROOT / "tests/data/tiny_multiple_choice.jsonl")[1]
+    samples = sorted(out["samples"]["cgpt_tiny_mc"], key=lambda s: s["doc_id"])
+    assert len(samples) == len(examples) == 6
+    for sample, ex in zip(samples, examples):
+        theirs = [float(r[0][0]) for r in sample["resps"]]
+        requests = [encode_pair(tok, ex["context"], c) for c in ex["continuations"]]
+        ours = [ll for ll, _ in loglikelihoods(sharp, requests)]
+        assert max(ours) - min(ours) > 1.0, ours  # the choices are told apart
+        # Measured: bitwise equal (scores of -50 to -420 nats, choices 3 to 120 nats apart); 1e-4
+        # leaves room for another batch layout only. A wrong token or context moves a score by nats.
+        assert theirs == pytest.approx(ours, abs=1e-4, rel=0), (ex["context"], theirs, ours)
+    ours = evaluate_multiple_choice(sharp, tok, examples)
+    res = out["results"]["cgpt_tiny_mc"]
+    assert (res["acc,none"], res["acc_norm,none"]) == pytest.approx((ours["acc"], ours["acc_norm"]))

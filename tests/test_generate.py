@@ -35,7 +35,8 @@ def _left_pad(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, 
 
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory: pytest.TempPathFactory):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from cgpt.hf import to_hf
 
     model = _model()
@@ -140,7 +141,8 @@ def test_top_p_keeps_the_smallest_nucleus() -> None:
 
 
 def test_top_k_top_p_match_transformers_warpers() -> None:
-    lp = pytest.importorskip("transformers.generation.logits_process")
+    from transformers.generation import logits_process as lp
+
     logits = torch.randn(16, 300, generator=torch.Generator().manual_seed(5)) * 3
     ids = torch.zeros(16, 1, dtype=torch.long)
     for k in (1, 7, 40):
@@ -195,8 +197,6 @@ def test_bad_arguments_are_refused() -> None:
 def test_generate_cli_completes_text(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import cgpt.cli.generate as cli
     from cgpt.generate import complete
-
-    pytest.importorskip("transformers")
     from cgpt.hf import to_hf
 
     torch.manual_seed(0)

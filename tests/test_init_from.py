@@ -20,7 +20,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
     """A randomly initialised HF GPT2LMHeadModel written locally (never from a hub), with GPT-2 tokenizer files."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from cgpt.data.tokenizer import get_tokenizer
 
     torch.manual_seed(0)

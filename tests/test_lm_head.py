@@ -93,3 +93,31 @@ def test_settings_resolve_and_reach_the_model() -> None:
     assert module.model.fused_loss is False
     # 128 tokens x 50257 fp32 logits ~ 24 MiB: a chunk that stays in a CPU's last-level cache.
     assert chunk_tokens(50257) == 128 and chunk_tokens(1000) == 8192
+
+
+def test_padded_vocabulary_loss_and_gradients_equal_the_unpadded_ones():
+    from cgpt.lm_head import LMHead, padded_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(37, 16, generator=g, dtype=torch.float64)
+    w0 = torch.randn(100, 16, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 100, (37,), generator=g)
+    y[[3, 20]] = -100  # ignored targets
+    for scale in (1.0, 0.5):
+        grads = []
+        for loss_fn in (
+            lambda x, w, s=scale: F.cross_entropy((x @ w.t()) * s, y, ignore_index=-100),
+            lambda x, w, s=scale: padded_cross_entropy(x, w, y, s, -100, multiple=64),  # 100 -> 128
+        ):
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            loss = loss_fn(x, w)
+            loss.backward()
+            grads.append((loss.detach(), x.grad, w.grad))
+        for a, b in zip(*grads, strict=True):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-12, rtol=0), scale
+    head = LMHead(16, 100).double()
+    reference = head(x0[None], y[None], ignore_index=-100)
+    head.pad_vocab_to = 64
+    padded = head(x0[None], y[None], ignore_index=-100)  # float64 softmax; the unpadded head's is fp32
+    assert torch.allclose(padded.float(), reference, atol=1e-6, rtol=0)
+    assert head(x0).shape == (37, 100)  # logits keep the real vocabulary

@@ -35,8 +35,14 @@ def test_ddp_run_logs_samples_to_tensorboard_and_keeps_its_hydra_record(tiny_dat
                 "trainer.devices=2", "logger=tensorboard", f"paths.output_dir={out}", f"run_name={run_name}",
                 "sample.max_new_tokens=4", "trainer.precision=32-true"], timeout=400)  # fmt: skip
     (events,) = (out / "tensorboard").rglob("events.out.tfevents.*")
-    acc = EventAccumulator(str(events.parent), size_guidance={"tensors": 0})
+    acc = EventAccumulator(str(events.parent), size_guidance={"tensors": 0, "scalars": 0})
     acc.Reload()
+    # The metrics themselves: a train loss for each of the 6 steps, a val loss at each validation.
+    scalars = acc.Tags()["scalars"]
+    assert "train/loss" in scalars and "val/loss" in scalars, scalars
+    train_loss = acc.Scalars("train/loss")
+    assert len(train_loss) == 6 and train_loss[-1].value < train_loss[0].value, train_loss
+    assert len(acc.Scalars("val/loss")) >= 2
     tags = acc.Tags()["tensors"]
     assert any(t.startswith("samples") for t in tags), tags
     texts = [e for t in tags if t.startswith("samples") for e in acc.Tensors(t)]

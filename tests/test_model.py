@@ -34,6 +34,7 @@ def test_changing_a_token_never_changes_earlier_logits(mup: bool) -> None:
         assert not torch.allclose(out[:, t:], base[:, t:])
 
 
+@pytest.mark.slow  # several seconds: make test runs it, make test-fast does not
 def test_init_statistics_follow_the_cerebras_recipe() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=4, d_model=256, n_head=4, vocab_size=4096, block_size=256, output_init_std=0.005)
@@ -54,6 +55,7 @@ def test_init_statistics_follow_the_cerebras_recipe() -> None:
             assert torch.all(w == 1)
 
 
+@pytest.mark.slow  # several seconds: make test runs it, make test-fast does not
 def test_mup_changes_init_and_output_scale() -> None:
     cfg = ModelConfig(n_layer=2, d_model=768, n_head=12, vocab_size=2000, block_size=64, mup=True)
     assert cfg.width_mult == 3.0

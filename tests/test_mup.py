@@ -104,6 +104,7 @@ def test_mup_forward_multipliers() -> None:
         torch.testing.assert_close(model(idx), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # several seconds: make test runs it, make test-fast does not
 def test_coordinate_check_flat_under_mup_and_growing_under_sp() -> None:
     """After a few Adam steps at the same base lr, activation and logit scales stay flat across widths
     under muP and grow with width under SP (the standard muP coordinate check)."""

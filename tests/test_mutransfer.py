@@ -21,6 +21,7 @@ def test_best_lrs_ignores_divergence():
     assert mutransfer.best_lrs(results) == {"sp": {32: 1e-2}, "mup": {32: 1e-2}}
 
 
+@pytest.mark.slow  # several seconds: make test runs it, make test-fast does not
 def test_tiny_grid_smoke(tmp_path, tiny_data_dir):
     out = tmp_path / "mt"
     summary = mutransfer.run_mutransfer(

@@ -37,6 +37,7 @@ def test_plan_custom_shape_needs_full_shape():
         plan_cli(["d_model=512", "n_layer=8"])
 
 
+@pytest.mark.slow
 def test_plan_cli_runs_as_script():
     r = subprocess.run(
         [sys.executable, str(ROOT / "train/plan.py"), "compare=true"], capture_output=True, text=True, timeout=60

@@ -37,8 +37,10 @@ def docs() -> list[str]:
 
 
 def _write_inputs(root: Path, docs: list[str]) -> dict[str, list[str]]:
-    """The same documents as a folder of .txt, .jsonl, .jsonl.gz and .jsonl.zst (when zstandard,
-    the ``zst`` extra, is installed; else the "zst" entry is the .gz file)."""
+    """The same documents as a folder of .txt, .jsonl, .jsonl.gz and .jsonl.zst (zstandard, the ``zst``
+    extra, is a dev dependency: never replaced by another format)."""
+    import zstandard
+
     (root / "txt").mkdir(parents=True)
     for i, d in enumerate(docs):
         (root / "txt" / f"doc{i:03d}.txt").write_text(d)
@@ -46,14 +48,8 @@ def _write_inputs(root: Path, docs: list[str]) -> dict[str, list[str]]:
     (root / "all.jsonl").write_text(lines)
     with gzip.open(root / "all.jsonl.gz", "wt") as f:
         f.write(lines)
-    zst = root / "all.jsonl.gz"
-    try:
-        import zstandard
-
-        zst = root / "all.jsonl.zst"
-        zst.write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
-    except ImportError:
-        pass
+    zst = root / "all.jsonl.zst"
+    zst.write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
     return {
         "folder": [str(root / "txt")],
         "glob": [str(root / "txt" / "doc*.txt")],

@@ -45,9 +45,20 @@ def test_two_rung_study_end_to_end(tmp_path, tiny_data_dir, capsys, launcher):
     res = json.loads((out / "scaling_fit.json").read_text())
     runs = {r["run"]: r for r in res["runs"]}
     assert set(runs) == {"L1-d16", "L1-d32"}
-    for name, r in runs.items():
+    from cgpt.flops import training_flops
+
+    seq_len, defaults = 64, StudyConfig(out=out)
+    for name, shape in {"L1-d16": (1, 16, 1), "L1-d32": (1, 32, 2)}.items():
+        r, cfg = runs[name], scaling_study.rung_config(*shape, seq_len)
         summary = json.loads((out / "runs" / name / "summary.json").read_text())
-        assert summary["tokens_seen"] == r["tokens"] > 0 and summary["val_loss"] == r["val_loss"]
+        # Each rung trained for the budget its shape gets (0.5 tokens per counted parameter), and the
+        # fit's point is that run's tokens, FLOPs and validation loss.
+        budget = scaling_study.rung_budget(cfg, 0.5, defaults.count, 8, seq_len)
+        assert summary["steps"] == budget["steps"] >= 2, (name, summary["steps"], budget)
+        assert r["tokens"] == summary["tokens_seen"] == budget["steps"] * 8 * seq_len, name
+        assert summary["config"]["model"]["d_model"] == shape[1] and r["params"] == cfg.num_params(), name
+        assert r["compute"] == pytest.approx(training_flops(cfg, r["tokens"], seq_len, defaults.flops), rel=1e-12)
+        assert r["val_loss"] == summary["val_loss"] and 0 < r["val_loss"] < 11, name
         assert (out / "runs" / name / "hydra" / "config.yaml").is_file()  # Hydra's files stay in the study
     assert runs["L1-d32"]["compute"] > runs["L1-d16"]["compute"]
     fit = res["fit"]

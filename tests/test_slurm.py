@@ -116,10 +116,15 @@ def test_slurm_config_validation_and_times() -> None:
 
 
 @pytest.mark.slow
-def test_signal_saves_checkpoint_at_step_boundary_and_stops(tiny_data_dir: Path, tmp_path: Path) -> None:
-    """SIGUSR1 mid-run: last.ckpt at the next step, exit code 3; the re-run resumes and finishes with
-    the same loss as an uninterrupted run."""
-    from conftest import run_script
+def test_sigterm_saves_checkpoint_at_step_boundary_and_the_rerun_continues(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM from outside mid-run (what SLURM sends on preemption): last.ckpt at the next step, exit
+    code 3; the re-run resumes there and finishes with the same loss as an uninterrupted run. (USR1
+    before a time limit: tests/test_slurm_cluster.py, on a real cluster.)"""
+    import json
+    import re
+    import subprocess
+
+    from conftest import REPO_ROOT, run_script
 
     args = ["train/pretrain.py", "experiment=smoke", f"data.dir={tiny_data_dir}", "data.micro_batch_size=2",
             "data.global_batch_size=2", "trainer.max_steps=8", "trainer.validate_every_steps=8",
@@ -127,41 +132,52 @@ def test_signal_saves_checkpoint_at_step_boundary_and_stops(tiny_data_dir: Path,
     ref = tmp_path / "ref"
     run_script([*args, f"paths.output_dir={ref}"], timeout=240)
 
-    import subprocess
-
     out = tmp_path / "pre"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, *args, f"paths.output_dir={out}", "+callbacks.signal._target_=test_slurm.SignalAtStep",
-           "+callbacks.signal.step=3"]  # fmt: skip
-    env["PYTHONPATH"] = str(REPO_ROOT / "tests")
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "preempted: saved" in proc.stdout and "at step 3" in proc.stdout
-    assert (out / "checkpoints" / "last.ckpt").is_file() and not (out / "summary.json").exists()
+    proc = subprocess.Popen([sys.executable, *args, f"paths.output_dir={out}"], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    lines = []
+    try:
+        for line in proc.stdout:  # the progress line of step 2 (smoke prints every 2 steps)
+            lines.append(line)
+            if line.startswith("step 2/8"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        lines += proc.stdout.readlines()
+        assert proc.wait(timeout=240) == 3, "".join(lines)[-4000:]
+    finally:
+        proc.kill()
+    log = "".join(lines)
+    assert "received SIGTERM" in log, log[-3000:]
+    saved = int(re.search(r"preempted: saved \S+ at step (\d+)", log).group(1))
+    assert 2 <= saved < 8 and (out / "checkpoints" / "last.ckpt").is_file() and not (out / "summary.json").exists()
     resumed = run_script([*args, f"paths.output_dir={out}"], timeout=240)
     assert "resuming from" in resumed.stdout
-    import json
-
     a, b = (json.loads((d / "summary.json").read_text()) for d in (ref, out))
-    assert b["steps"] == a["steps"] == 8 and b["steps_this_run"] == 5
-    assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-5)
-    assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-5)
+    assert b["steps"] == a["steps"] == 8 and b["steps_this_run"] == 8 - saved  # it continued where it stopped
+    # Measured: identical (one process resumes bitwise), so equality is asserted.
+    assert (b["train_loss"], b["val_loss"]) == (a["train_loss"], a["val_loss"])
 
 
-try:
-    import lightning as L
+@pytest.mark.parametrize("name", ["SIGUSR1", "SIGUSR2", "SIGTERM"])
+def test_every_default_preemption_signal_sets_the_flag_and_restores_the_old_handler(name: str) -> None:
+    """conf/pretrain.yaml's preemption.signals: SLURM's USR1 before a time limit, submitit's USR2,
+    SIGTERM on preemption. Each is caught (the run goes on to the next step boundary, not killed)."""
+    import yaml
 
-    class SignalAtStep(L.Callback):
-        """Test helper: the process sends itself SIGUSR1 after optimizer step ``step``."""
+    from cgpt.preemption import PreemptionHandler
 
-        def __init__(self, step: int) -> None:
-            self.step = step
-
-        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-            if trainer.global_step == self.step and trainer.is_global_zero:
-                os.kill(os.getpid(), signal.SIGUSR1)
-except ImportError:  # pragma: no cover
-    pass
+    conf = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "pretrain.yaml").read_text())
+    assert name in conf["preemption"]["signals"]
+    sig = getattr(signal, name)
+    before = signal.getsignal(sig)
+    handler = PreemptionHandler("/nonexistent", signals=conf["preemption"]["signals"])
+    try:
+        os.kill(os.getpid(), sig)  # delivered before os.kill returns (to the main thread)
+        assert handler.received == sig and not handler.stopped  # remembered; saved at the next step
+    finally:
+        handler.restore()
+    assert signal.getsignal(sig) is before
 
 
 def _fake_run(max_steps: int = 4):

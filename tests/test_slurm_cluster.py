@@ -146,9 +146,11 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_same_loss_and_run(jo
     assert "received SIGUSR1" in log and "preempted: saved" in log and "requeued SLURM job" in log
     assert "resuming from" in log
     pre, full = (json.loads((jobs[k][0] / "summary.json").read_text()) for k in ("pre", "full"))
-    assert pre["steps"] == full["steps"] == STEPS and pre["steps_this_run"] < STEPS
-    assert pre["val_loss"] == pytest.approx(full["val_loss"], abs=1e-4)
-    assert pre["train_loss"] == pytest.approx(full["train_loss"], abs=1e-4)
+    assert pre["steps"] == full["steps"] == STEPS and 0 < pre["steps_this_run"] < STEPS  # it resumed mid-run
+    # Measured: identical (DDP over gloo resumes bitwise on CPU); 1e-6 only absorbs a reordered sum,
+    # while a wrong optimizer, schedule or data position after the requeue moves the loss by 1e-3 or more.
+    assert pre["val_loss"] == pytest.approx(full["val_loss"], abs=1e-6, rel=0)
+    assert pre["train_loss"] == pytest.approx(full["train_loss"], abs=1e-6, rel=0)
     # One W&B run continued across the requeue: every offline run folder carries the same id.
     run_id = (out / "wandb_run_id").read_text().strip()
     runs = sorted((out / "wandb").glob("offline-run-*"))

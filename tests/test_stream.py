@@ -86,6 +86,7 @@ def test_epochs_reshuffle_and_seed_decides(tmp_path: Path) -> None:
     assert [i for b in batches(val) for i in b] == list(range(32))  # validation keeps file order
 
 
+@pytest.mark.slow  # DataLoader worker processes
 @pytest.mark.parametrize("workers_before,workers_after", [(0, 2), (2, 3), (1, 0)])
 def test_resume_continues_exactly(tmp_path: Path, workers_before: int, workers_after: int) -> None:
     shards = make_shards(tmp_path, [10, 6, 9, 12])
@@ -171,6 +172,7 @@ def test_batches_mix_shards(tmp_path: Path) -> None:
     assert max(mixed) > 1 and sum(m > 1 for m in mixed) > len(mixed) // 2
 
 
+@pytest.mark.slow  # DataLoader worker processes
 def test_order_with_a_bad_shard_does_not_depend_on_workers(tmp_path: Path) -> None:
     shards = make_shards(tmp_path, [8] * 6)
     _corrupt(shards[2].url, "truncate")

@@ -54,7 +54,6 @@ def _compose(overrides: list[str]):
 
 
 def test_slurm_launcher_config_runs_one_task_per_device() -> None:
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     cfg = _compose(["hydra/launcher=cgpt_slurm", "trainer.devices=8", "trainer.num_nodes=2", "run_name=sw"])
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["_target_"].endswith("SlurmLauncher")
@@ -63,7 +62,6 @@ def test_slurm_launcher_config_runs_one_task_per_device() -> None:
 
 
 def test_optuna_sweeper_config_composes() -> None:
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     cfg = _compose(["hydra/sweeper=cgpt_optuna", "experiment=smoke"])
     sweeper = OmegaConf.to_container(cfg.hydra.sweeper, resolve=True)
     assert sweeper["direction"] == "minimize" and sweeper["study_name"] == "smoke"
@@ -87,3 +85,26 @@ def test_local_multirun_writes_one_summary_per_point_then_collects(tiny_data_dir
     rows = list(csv.DictReader(open(sweep / "results.csv")))
     assert [float(r["val_loss"]) for r in rows] == sorted(s["val_loss"] for s in summaries.values())
     assert {r["optim.lr"] for r in rows} == {"0.001", "0.003"} and "| point | optim.lr |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_optuna_sweep_runs_two_trials_and_reports_the_best(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """hydra/sweeper=cgpt_optuna end to end: two trials with lrs drawn from the search space, and
+    Optuna's best value is the lowest final validation loss the trials returned."""
+    import yaml
+    from conftest import run_script
+
+    sweep = tmp_path / "optuna"
+    run_script(["train/pretrain.py", "-m", "hydra/sweeper=cgpt_optuna", "experiment=smoke", f"data.dir={tiny_data_dir}",
+                "hydra.sweeper.n_trials=2", "sample=null", "logger=none", "trainer.max_steps=2",
+                "trainer.validate_every_steps=2", "callbacks.checkpoint.every_n_steps=2",
+                f"hydra.sweep.dir={sweep}"], timeout=400)  # fmt: skip
+    summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
+    assert len(summaries) == 2
+    lrs = [s["config"]["optim"]["lr"] for s in summaries]
+    assert len(set(lrs)) == 2 and all(1e-4 <= lr <= 3e-2 for lr in lrs), lrs
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    losses = [s["val_loss"] for s in summaries]
+    best_trial = losses.index(min(losses))
+    assert best["best_value"] == pytest.approx(losses[best_trial], rel=1e-6), (best, losses)
+    assert best["best_params"]["optim.lr"] == pytest.approx(lrs[best_trial], rel=1e-9), (best, lrs)

@@ -3,6 +3,7 @@
     python train/plan.py model=cerebras_gpt_1.3b gpus=64 gpu=H100_SXM mfu=0.4
     python train/plan.py d_model=1024 n_layer=16 n_head=16 compute=1e20 gpus=8 gpu=A100
     python train/plan.py compare=true          # the seven published sizes against the paper's FLOPs
+    python train/plan.py certificate=true      # every preset, field by field, against the published configs
 
 Arguments are key=value (Hydra-style, no Hydra needed; ``--key value`` works too):
   model               preset (cerebras_gpt_111m ... 13b, *_mup, tiny, demo); default cerebras_gpt_111m

@@ -1,0 +1,55 @@
+"""cgpt.startup.quiet_third_party: the known third-party noise is dropped, everything else stays."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+
+from conftest import REPO_ROOT
+
+PROBE = textwrap.dedent(
+    """
+    import logging, warnings
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from cgpt.startup import quiet_third_party
+    if QUIET:
+        quiet_third_party()
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    log.info("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]")
+    log.info("GPU available: False, used: False")
+    log.info("TPU available: False, using: 0 TPU cores")
+    log.info("Using bfloat16 Automatic Mixed Precision (AMP)")
+    log.info("`Trainer.fit` stopped: `max_steps=6` reached.")
+    log.info("GPU available: True (cuda), used: True")
+    warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+    warnings.warn("data.seq_len=64 does not match the shards", UserWarning)
+    warnings.warn("a FutureWarning about something else", FutureWarning)
+    """
+)
+
+
+def _run(quiet: bool) -> str:
+    code = f"QUIET = {quiet}\n" + PROBE
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    return proc.stdout + proc.stderr
+
+
+def test_known_noise_is_dropped_and_everything_else_kept() -> None:
+    loud, quiet = _run(False), _run(True)
+    noise = ("💡 Tip", "GPU available: False", "TPU available", "Automatic Mixed Precision", "LeafSpec")
+    for text in noise:
+        assert text in loud, text  # the probe really emits it
+        assert text not in quiet, text
+    for text in ("max_steps=6", "GPU available: True", "data.seq_len=64", "something else"):
+        assert text in quiet, text  # the user's own warnings and useful lines stay
+
+
+def test_filters_are_added_once() -> None:
+    from cgpt.startup import LIGHTNING_INFO_LOGGERS, quiet_third_party
+
+    quiet_third_party()
+    quiet_third_party()
+    for name in LIGHTNING_INFO_LOGGERS:
+        assert len(logging.getLogger(name).filters) == 1
