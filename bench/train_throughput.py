@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from cgpt.callbacks import ProgressPrinter, RunSummary, ThroughputMonitor
 from cgpt.config import ModelConfig
+from cgpt.guard import GuardConfig, StepGuard
 from cgpt.hardware import (
     choose_lm_head,
     default_fused_loss,
@@ -245,11 +246,13 @@ def run_nanogpt(
 
 
 def run_cgpt(
-    module: CerebrasGPTModule, data: Batches, args: argparse.Namespace, device: torch.device
+    module: CerebrasGPTModule, data: Batches, args: argparse.Namespace, device: torch.device, guard: bool = False
 ) -> tuple[float, float]:
-    """cgpt's training path: the LightningModule under a Trainer set up like cgpt.training.build."""
+    """cgpt's training path: the LightningModule under a Trainer set up like cgpt.training.build
+    (with ``guard``, plus the step guard of conf/guard/default.yaml)."""
     timer = StepTimer(args.warmup, args.steps)
     with tempfile.TemporaryDirectory(prefix="cgpt-bench-") as tmp:
+        guards = [StepGuard(GuardConfig(), tmp)] if guard else []
         logger = L.pytorch.loggers.CSVLogger(tmp, name="csv") if args.logger == "csv" else False
         trainer = L.Trainer(
             accelerator=device.type,
@@ -270,6 +273,7 @@ def run_cgpt(
                 ProgressPrinter(50, stream="stderr"),  # stdout carries the results
                 RunSummary(str(Path(tmp) / "summary.json")),  # cgpt.training adds it; write() is not called here
                 timer,
+                *guards,
             ],
             default_root_dir=tmp,
         )
@@ -278,6 +282,12 @@ def run_cgpt(
         module._trainer = None  # let the trainer (and its AdamW state) go before the next loop runs
         del trainer
     return timer.seconds
+
+
+def run_cgpt_guarded(
+    module: CerebrasGPTModule, data: Batches, args: argparse.Namespace, device: torch.device
+) -> tuple[float, float]:
+    return run_cgpt(module, data, args, device, guard=True)
 
 
 def _head_shape(args: argparse.Namespace) -> tuple[int, int]:
@@ -348,6 +358,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     loops: dict[str, tuple[Any, Any]] = {"plain": (run_plain, module), "cgpt": (run_cgpt, module)}
     if args.reference == "nanogpt":  # nanoGPT's CPU training step on the same shape (own weights)
         loops["nanogpt"] = (run_nanogpt, build_nanogpt_reference(module, device))
+    if args.guard == "on":  # the cgpt loop as runs are configured by default: with the step guard
+        loops["cgpt"] = (run_cgpt_guarded, module)
+    elif args.guard == "compare":  # both, interleaved: the guard's cost
+        loops["cgpt_guard"] = (run_cgpt_guarded, module)
     if args.compare_eager:  # the plain loop on an uncompiled twin (same init): what compile buys
         loops["eager"] = (run_plain, build_module(argparse.Namespace(**{**vars(args), "compile": False}), device))
     seconds: dict[str, list[float]] = {name: [] for name in loops}
@@ -408,6 +422,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cpu_ratios = [p / c for p, c in zip(cpu_seconds["plain"], cpu_seconds["cgpt"])]
         result["ratio_cpu_time"] = statistics.median(cpu_ratios)
         result["ratio_cpu_time_reps"] = cpu_ratios
+    result["guard"] = args.guard
+    if "cgpt_guard" in loops:  # > 1: the guard slows a step down by that factor
+        result["guard_cost"] = statistics.median(g / c for g, c in zip(seconds["cgpt_guard"], seconds["cgpt"]))
+        result["guard_cost_reps"] = [g / c for g, c in zip(seconds["cgpt_guard"], seconds["cgpt"])]
+        if device.type == "cpu":
+            result["guard_cost_cpu_time"] = statistics.median(
+                g / c for g, c in zip(cpu_seconds["cgpt_guard"], cpu_seconds["cgpt"])
+            )
     if "eager" in loops:
         result["compile_speedup"] = statistics.median(e / p for e, p in zip(seconds["eager"], seconds["plain"]))
         result["compile_speedup_cpu_time"] = statistics.median(
@@ -438,12 +460,12 @@ def report(result: dict[str, Any]) -> str:
         f"{result['timed_steps']} timed steps x {result['repeats']} reps, peak {result['peak_flops'] / 1e12:.2f} "
         f"TFLOP/s ({result['peak_source']})",
     ]
-    for name in ("plain", "cgpt", "eager", "nanogpt"):
+    for name in ("plain", "cgpt", "cgpt_guard", "eager", "nanogpt"):
         if name not in result:
             continue
         r = result[name]
         lines.append(
-            f"  {name:7s}: {r['tokens_per_sec']:>12,.0f} tok/s  {r['step_time_ms']:9.2f} ms/step  "
+            f"  {name:10s}: {r['tokens_per_sec']:>12,.0f} tok/s  {r['step_time_ms']:9.2f} ms/step  "
             f"MFU {100 * r['mfu']:6.2f}%  peak mem {r['peak_memory_mb']:,.0f} MiB"
         )
     if "compile_speedup" in result:
@@ -452,6 +474,10 @@ def report(result: dict[str, Any]) -> str:
             f"{result.get('compile_speedup_cpu_time', float('nan')):.3f}); first step compiled "
             f"{result['plain']['first_step_s']:.1f} s, eager {result['eager']['first_step_s']:.1f} s"
         )
+    if "guard_cost" in result:
+        reps = ", ".join(f"{r:.3f}" for r in result["guard_cost_reps"])
+        lines.append(f"  step time with / without the guard: {result['guard_cost']:.3f} (median of {reps}); "
+                     f"CPU time {result.get('guard_cost_cpu_time', float('nan')):.3f}")  # fmt: skip
     if "ratio_cgpt_over_nanogpt" in result:
         reps = ", ".join(f"{r:.3f}" for r in result["ratio_nanogpt_reps"])
         fp32 = "fp32, " if result["nanogpt"]["fp32_on_cpu"] else ""
@@ -493,6 +519,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm")
     p.add_argument("--log-every", type=int, default=10, help="Lightning log_every_n_steps")
+    p.add_argument("--guard", choices=("off", "on", "compare"), default="off",
+                   help="the step guard in the cgpt loop: off, on, or compare (both loops, interleaved)")  # fmt: skip
     p.add_argument("--logger", choices=("csv", "none"), default="csv", help="cgpt path logger")
     p.add_argument("--peak-flops", type=float, default=None, help="override the device peak FLOP/s")
     p.add_argument("--seed", type=int, default=1234)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -13,7 +14,7 @@ from cgpt.hardware import resolve_compile, resolve_fused_loss
 from cgpt.model import GPT
 from cgpt.optim import OptimConfig, SchedulerConfig, build_optimizer, build_scheduler, resolve_schedule
 from cgpt.presets import PRESETS
-from cgpt.strategies import clip_grad_norm, clipped_grad_norm, clips_in_optimizer_step
+from cgpt.strategies import clip_grad_norm, clipped_grad_norm, clips_in_optimizer_step, grad_norm
 
 
 class CerebrasGPTModule(L.LightningModule):
@@ -61,6 +62,9 @@ class CerebrasGPTModule(L.LightningModule):
         self.init_from: str | None = None  # set by set_init_from(); not a hyperparameter
         self._val_sums: torch.Tensor | None = None  # (sum of weighted losses, weight) this validation
         self.rng_after_build: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see configure_model
+        # Called with each optimizer step's pre-clip global gradient norm; True drops the update
+        # (set by cgpt.guard.StepGuard; under DeepSpeed the strategy calls it inside its own step).
+        self.step_gate: Callable[[torch.Tensor | None], bool] | None = None
 
     # --- runtime -------------------------------------------------------------------------------
     def set_runtime(self, seq_len: int, global_batch_size: int) -> None:
@@ -195,20 +199,33 @@ class CerebrasGPTModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Clip by global norm and log the pre-clip norm as ``grad_norm``.
+        """Clip by global norm, log the pre-clip norm as ``grad_norm``, and ask the step gate
+        (:mod:`cgpt.guard`) whether to apply the update: if not, the gradients are dropped, so the
+        optimizer leaves weights and moments alone.
 
         Lightning's AMP plugin refuses to clip for fused optimizers even in bf16, where no grad
         scaler is involved; without a scaler we clip directly. With an fp16 scaler, Lightning's
-        own path runs (unscale first), and the optimizer is built unfused.
+        own path runs (unscale first), the optimizer is built unfused, and the gate stands aside
+        (the scaler skips non-finite steps itself).
         """
-        if not gradient_clip_val or clips_in_optimizer_step(self.trainer.strategy):
-            return  # DeepSpeed clips inside its optimizer step (config gradient_clipping = gradient_clip_val)
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None or gradient_clip_algorithm == "value":
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if clips_in_optimizer_step(self.trainer.strategy):
+            return  # DeepSpeed clips (and gates) inside its optimizer step (gradient_clipping = gradient_clip_val)
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            if gradient_clip_val:
+                self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        norm = clip_grad_norm(self.parameters(), gradient_clip_val)  # sharded (FSDP2 DTensor) grads too
-        if self._logging_step():
-            self.log("grad_norm", norm)
+        norm = None
+        if self.step_gate is not None and (not gradient_clip_val or gradient_clip_algorithm == "value"):
+            norm = grad_norm(self.parameters())  # the pre-clip norm the gate needs when clipping does not give it
+        if gradient_clip_val and gradient_clip_algorithm == "value":
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        elif gradient_clip_val:
+            norm = clip_grad_norm(self.parameters(), gradient_clip_val)  # sharded (FSDP2 DTensor) grads too
+            if self._logging_step():
+                self.log("grad_norm", norm)
+        if self.step_gate is not None and self.step_gate(norm):
+            for p in self.parameters():
+                p.grad = None  # AdamW skips parameters without a gradient: no update, no moment or step change
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Under DeepSpeed (which clips inside its step) log the pre-clip norm the step computed, on the

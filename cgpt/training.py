@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from cgpt.callbacks import RunSummary
 from cgpt.checkpoint import AtomicCheckpointIO
+from cgpt.guard import EXIT_GUARD_STOPPED, StepGuard, build_guard
 from cgpt.hardware import (
     accelerator_device_type,
     choose_lm_head,
@@ -39,6 +40,7 @@ from cgpt.preflight import check_run, plan_batch
 from cgpt.slurm import check_environment
 from cgpt.startup import held_signals, release_signals
 from cgpt.strategies import build_strategy
+from cgpt.watchdog import build_watchdog
 from cgpt.weights import resume_checkpoint
 
 Components = Callable[[dict[str, Any]], tuple[Any, Any]]
@@ -179,6 +181,10 @@ def build(
                             "precision": trainer_cfg["precision"], "decisions": decisions}  # fmt: skip
     summary = RunSummary(str(out_dir / "summary.json"), resolved)
     callbacks = [instantiate(c) for c in (config.get("callbacks") or {}).values() if c is not None] + [summary]
+    # The step guard (cgpt/guard.py) and the hang watchdog (cgpt/watchdog.py): docs/fault-tolerance.md
+    guard = build_guard(config.get("guard"), str(out_dir / "checkpoints"))
+    watchdog = build_watchdog(config.get("watchdog"), str(out_dir))
+    callbacks += [c for c in (guard, watchdog) if c is not None]
     if config.get("preemption"):  # checkpoint + requeue on SIGUSR1/SIGTERM (cgpt/preemption.py)
         callbacks.append(PreemptionHandler(str(out_dir / "checkpoints"), **config["preemption"]))
         for signum in held_signals()[:1]:
@@ -240,10 +246,19 @@ def fit(config: dict[str, Any], components: Components = pretrain_components) ->
     preemption = next((c for c in trainer.callbacks if isinstance(c, PreemptionHandler)), None)
     if preemption is not None and preemption.stopped:
         preemption.requeue_or_exit(trainer.is_global_zero)  # checkpoint saved: requeue and exit
+    guard = next((c for c in trainer.callbacks if isinstance(c, StepGuard)), None)
+    guard_summary = guard.summary() if guard is not None else {"enabled": False}
+    if guard is not None and guard.stopped:  # checkpoint saved: record what happened and exit
+        summary.write(trainer, module, guard=guard_summary)
+        if trainer.is_global_zero:
+            print(f"guard: run stopped ({guard.stop_reason}); exit code {EXIT_GUARD_STOPPED}. "
+                  f"Events: {summary.path}. Re-running the same command resumes.", flush=True)  # fmt: skip
+        _close_process_group()
+        raise SystemExit(EXIT_GUARD_STOPPED)
     if trainer.global_step and summary.last_val_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     text = _sample(config, module) if trainer.is_global_zero else None
-    result = summary.write(trainer, module, sample=text)
+    result = summary.write(trainer, module, sample=text, guard=guard_summary)
     if trainer.is_global_zero:
         entropy = datamodule.meta.extra.get("unigram_entropy") if hasattr(datamodule, "meta") else None
         print(f"\nfinal: step {result['steps']}, train loss {result['train_loss']:.4f}, "

@@ -128,3 +128,14 @@ def test_benchmark_reads_prepared_shards_with_the_real_datamodule(tiny_data_dir)
     result = bench.run(bench.parse_args([*argv, "--steps", "4", "--warmup", "1", "--repeats", "1", "--logger", "none"]))
     assert result["data"] == str(tiny_data_dir) and result["seq_len"] == 64  # the shards' length, not --seq-len
     assert result["plain"]["tokens_per_sec"] > 0 and result["cgpt"]["tokens_per_sec"] > 0
+
+
+def test_guard_compare_times_the_cgpt_loop_with_and_without_the_step_guard(tmp_path):
+    out = tmp_path / "result.json"
+    argv = [str(SCRIPT), *TINY, "--steps", "5", "--warmup", "1", "--repeats", "1", "--log-every", "2"]
+    argv += ["--device", "cpu", "--compile", "false", "--guard", "compare", "--json", str(out)]
+    proc = run_script(argv, timeout=120)
+    assert "step time with / without the guard" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["guard"] == "compare" and result["cgpt_guard"]["tokens_per_sec"] > 0
+    assert 0 < result["guard_cost"] < 10 and len(result["guard_cost_reps"]) == 1

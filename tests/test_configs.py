@@ -74,7 +74,7 @@ def test_default_callbacks_instantiate(tmp_path: Path) -> None:
             assert Path(built.dirpath) == tmp_path / "checkpoints", (name, built.dirpath)
 
 
-@pytest.mark.parametrize("group", ["optim", "scheduler", "trainer", "data", "paths", "strategy", "callbacks"])
+@pytest.mark.parametrize("group", ["optim", "scheduler", "trainer", "data", "paths", "strategy", "callbacks", "guard"])
 def test_every_option_of_the_other_groups_composes(tmp_path: Path, group: str) -> None:
     import yaml
 
@@ -87,6 +87,17 @@ def test_every_option_of_the_other_groups_composes(tmp_path: Path, group: str) -
         for key, value in own.items():
             if "${" not in str(value):
                 assert composed[key] == value, (group, option, key, composed[key], value)
+
+
+def test_guard_options_and_the_watchdog_build(tmp_path: Path) -> None:
+    from cgpt.guard import build_guard
+    from cgpt.watchdog import build_watchdog
+
+    for option, enabled in (("default", True), ("off", False)):
+        cfg = OmegaConf.to_container(_compose(tmp_path, [f"guard={option}"]))
+        assert (build_guard(cfg["guard"], str(tmp_path)) is not None) == enabled, option
+    assert build_watchdog(cfg["watchdog"], str(tmp_path)).timeout_s == 1800
+    assert build_watchdog(None, str(tmp_path)) is None
 
 
 def test_paths_never_depend_on_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

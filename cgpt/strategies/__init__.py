@@ -21,7 +21,7 @@ from cgpt.strategies.build import (
     on_cpu,
     strategy_spec_of,
 )
-from cgpt.strategies.clipping import clip_grad_norm
+from cgpt.strategies.clipping import clip_grad_norm, grad_norm
 from cgpt.strategies.registry import KINDS, SPECS, StrategySpec, spec_for, validate_strategy_config
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "clip_grad_norm",
     "clipped_grad_norm",
     "clips_in_optimizer_step",
+    "grad_norm",
     "holds_full_model",
     "on_cpu",
     "spec_for",

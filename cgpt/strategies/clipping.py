@@ -16,8 +16,19 @@ def clip_grad_norm(parameters: Any, max_norm: float) -> torch.Tensor:
     params = [p for p in parameters if p.grad is not None]
     if not params:
         return torch.zeros(())
+    norm = _total_norm(params)
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return norm
+
+
+def grad_norm(parameters: Any) -> torch.Tensor:
+    """The global L2 norm of the gradients, without clipping (plain and FSDP2 DTensor gradients)."""
+    params = [p for p in parameters if p.grad is not None]
+    return _total_norm(params) if params else torch.zeros(())
+
+
+def _total_norm(params: list[torch.Tensor]) -> torch.Tensor:
     norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0, foreach=True)
     if hasattr(norm, "full_tensor"):  # DTensor: a partial norm on each shard
         norm = norm.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
     return norm

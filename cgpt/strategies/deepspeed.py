@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import torch
@@ -89,6 +89,56 @@ class CgptDeepSpeedStrategy(DeepSpeedStrategy):
         """The pre-clip global gradient norm of the last optimizer step (known after ``engine.step()``)."""
         norm = self.deepspeed_engine.get_global_grad_norm() if self.model is not None else None
         return None if norm is None else torch.as_tensor(norm, dtype=torch.float32).detach()
+
+    def set_step_gate(self, gate: Callable[[torch.Tensor | None], bool]) -> bool:
+        """Call ``gate(pre-clip global norm)`` inside every ZeRO optimizer step, after the norm and
+        before the update; when it returns True the step is dropped through DeepSpeed's own overflow
+        path (gradients and reduction buffers cleared, weights and optimizer state untouched).
+
+        ZeRO 1/2 (``scaled_global_norm``) and ZeRO 3 (``_get_norm_groups``) compute the norm, then
+        both call ``_update_scale(overflow)`` before the update or the overflow clean-up: the gate
+        sits in that call, so it runs once per step on every rank (it may be a collective).
+
+        Returns False (nothing installed) under fp16: dynamic loss scaling overflows, and skips, by
+        design, so those skips are not faults.
+        """
+        optimizer = self.deepspeed_engine.optimizer
+        if getattr(optimizer, "dtype", None) == torch.float16:
+            return False
+        if hasattr(optimizer, "_cgpt_step_gate"):  # installed by an earlier fit: only the gate changes
+            optimizer._cgpt_step_gate[0] = gate
+            return True
+        gates = optimizer._cgpt_step_gate = [gate]
+        stage3 = hasattr(optimizer, "_get_norm_groups")
+        norm_name = "_get_norm_groups" if stage3 else "scaled_global_norm"
+        if not (hasattr(optimizer, norm_name) and hasattr(optimizer, "_update_scale")):
+            raise ConfigError(
+                f"the step guard needs DeepSpeed's ZeRO optimizer (stage 1, 2 or 3); got {type(optimizer).__name__}: "
+                "set guard=off or use a ZeRO stage"
+            )
+        original_norm, original_update = getattr(optimizer, norm_name), optimizer._update_scale
+        seen: dict[str, Any] = {}
+
+        def norm_hook(*args: Any, **kwargs: Any) -> Any:
+            seen["norm"] = out = original_norm(*args, **kwargs)
+            return out
+
+        def update_hook(has_overflow: bool = False) -> Any:
+            norm = seen.pop("norm", None)
+            if has_overflow or norm is None:
+                total = torch.tensor(float("inf"))  # DeepSpeed found the gradients non-finite itself
+            else:
+                # ZeRO-3 gives one norm per group; DeepSpeed's norm helpers report a non-finite norm as -1
+                groups = torch.stack([torch.as_tensor(n).float().reshape(()) for n in (norm if stage3 else [norm])])
+                total = torch.where((groups < 0).any(), float("nan"), torch.linalg.vector_norm(groups))
+                total = total / optimizer.loss_scale
+            if gates[0](total):
+                optimizer.overflow = has_overflow = True
+            return original_update(has_overflow)
+
+        setattr(optimizer, norm_name, norm_hook)
+        optimizer._update_scale = update_hook
+        return True
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         save = super().save_checkpoint

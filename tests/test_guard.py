@@ -1,0 +1,270 @@
+"""The step guard and the hang watchdog, by fault injection (cgpt.fault_injection, 2 gloo processes).
+
+Unit tests of the rule come first (in-process, one rank). The multi-process runs inject a NaN loss
+on rank 1 only, or a sleep, through a test-only callback that no config in conf/ names.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, run_script
+
+from cgpt.config import ConfigError
+from cgpt.guard import EXIT_GUARD_STOPPED, GuardConfig, StepGuard
+from cgpt.watchdog import EXIT_HUNG
+
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+STEPS, BAD = 6, 3
+INJECT = "cgpt.fault_injection.FaultInjector"
+
+
+# --- unit: the rule ------------------------------------------------------------------------------
+def feed(guard: StepGuard, loss: float, norm: float | None = 1.0) -> bool:
+    guard.on_before_backward(None, None, torch.tensor(loss))
+    return guard.decide(None if norm is None else torch.tensor(norm))
+
+
+def test_non_finite_loss_or_norm_is_a_bad_step() -> None:
+    guard = StepGuard(GuardConfig(min_history=2, window=4), "unused")
+    assert not feed(guard, 2.0)
+    assert feed(guard, math.nan)
+    assert feed(guard, 2.0, math.inf)
+    assert not feed(guard, 2.0, None)  # no norm known: only the loss is checked
+    assert [e["kind"] for e in guard.events] == ["non_finite", "non_finite"]
+    assert guard.events[0]["ranks"] == [0] and guard.events[0]["detail"] == "non-finite loss on rank 0"
+    assert guard.events[1]["ranks"] == [] and guard.events[1]["detail"] == "non-finite global gradient norm"
+    assert list(guard.losses) == [2.0, 2.0]  # bad steps stay out of the statistics
+
+
+def test_loss_spike_rule_needs_history_and_catches_a_multiplied_loss() -> None:
+    guard = StepGuard(GuardConfig(min_history=5, window=10, loss_spike_z=8.0), "unused")
+    assert not feed(guard, 50.0)  # no history yet: not judged
+    for loss in (3.0, 3.1, 2.9, 3.05, 2.95):
+        assert not feed(guard, loss)
+    guard.losses.popleft()  # forget the 50
+    assert not feed(guard, 3.2)  # noise
+    assert feed(guard, 3.0 * 10)  # a spike
+    assert guard.events[-1]["kind"] == "loss_spike"
+    assert guard.max_loss_z is not None and guard.max_loss_z < 8.0
+
+
+def test_grad_norm_ratio_rule_is_off_by_default_and_works_when_set() -> None:
+    off = StepGuard(GuardConfig(min_history=3, window=5), "unused")
+    on = StepGuard(GuardConfig(min_history=3, window=5, grad_norm_ratio=10.0), "unused")
+    for guard in (off, on):
+        for _ in range(3):
+            feed(guard, 3.0, 1.0)
+    assert not feed(off, 3.0, 50.0)
+    assert feed(on, 3.0, 50.0) and on.events[-1]["kind"] == "grad_norm_spike"
+
+
+def test_caps_turn_skip_into_stop_and_state_round_trips() -> None:
+    guard = StepGuard(GuardConfig(min_history=2, window=4, max_consecutive_skips=2), "unused")
+    feed(guard, 1.0)
+    assert feed(guard, math.nan) and guard.stop_reason is None
+    assert feed(guard, math.nan) and "2 bad steps in a row" in guard.stop_reason
+    assert guard.events[-1]["action"] == "stop"
+    again = StepGuard(GuardConfig(min_history=2, window=4), "unused")
+    again.load_state_dict(guard.state_dict())
+    assert again.events == guard.events and list(again.losses) == [1.0] and again.skipped == 2
+    stop = StepGuard(GuardConfig(action="stop"), "unused")
+    assert feed(stop, math.nan) and "guard.action=stop" in stop.stop_reason
+
+
+def test_the_guard_stands_aside_under_fp16_loss_scaling() -> None:
+    from types import SimpleNamespace
+
+    guard = StepGuard(GuardConfig(), "unused")
+    module = SimpleNamespace(step_gate=None)
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()))
+    guard.setup(trainer, module, "fit")
+    assert module.step_gate is None and "fp16" in guard.summary()["inactive"]
+    guard = StepGuard(GuardConfig(), "unused")
+    guard.setup(SimpleNamespace(precision_plugin=SimpleNamespace()), module, "fit")
+    assert module.step_gate == guard.decide and guard.summary()["inactive"] is None
+
+
+def test_guard_config_errors_are_clear() -> None:
+    with pytest.raises(ConfigError, match="guard.action"):
+        GuardConfig(action="rollbak")
+    with pytest.raises(ConfigError, match="min_history"):
+        GuardConfig(window=10, min_history=20)
+    with pytest.raises(ConfigError, match="unknown guard keys"):
+        GuardConfig.from_dict({"treshold": 3})
+
+
+# --- multi-process runs --------------------------------------------------------------------------
+def args(data_dir: Path, out: Path, strategy: str, *extra: str, accumulation: int = 2) -> list[str]:
+    micro, devices = 4, 2
+    return [
+        "train/pretrain.py", "experiment=smoke", f"data.dir={data_dir}", f"paths.output_dir={out}",
+        "data.num_workers=0", "trainer.precision=32-true", f"trainer.devices={devices}", f"strategy={strategy}",
+        f"trainer.max_steps={STEPS}", f"data.micro_batch_size={micro}",
+        f"data.global_batch_size={micro * devices * accumulation}", "trainer.validate_every_steps=100",
+        "callbacks.checkpoint.every_n_steps=2", "sample=null", "logger=csv", "resume=null", *extra,
+    ]  # fmt: skip
+
+
+def fault(kind: str, record: Path | None = None, **kw: object) -> str:
+    fields = {"_target_": INJECT, "kind": kind, "step": BAD, "rank": 1, **kw}
+    if record is not None:
+        fields["record_dir"] = str(record)
+    return "+callbacks.fault={" + ", ".join(f"{k}: {v}" for k, v in fields.items()) + "}"
+
+
+STRATEGIES = [
+    "ddp",
+    "fsdp",
+    pytest.param("deepspeed_stage_2", marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed missing")),
+    pytest.param("deepspeed_stage_3", marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed missing")),
+]
+
+
+OFFLOAD = [
+    pytest.param(name, marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed missing"))
+    for name in ("deepspeed_stage_2_offload", "deepspeed_stage_3_offload")
+]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_nan_on_rank_1_is_skipped_by_every_rank(tiny_data_dir: Path, tmp_path: Path, strategy: str) -> None:
+    """NaN loss on rank 1 only at step 3 (accumulation 2): both ranks drop that update, nothing hangs,
+    the weights after step 3 equal those after step 2 on every rank, and training then goes on."""
+    out, record = tmp_path / "run", tmp_path / "record"
+    proc = run_script(args(tiny_data_dir, out, strategy, fault("nan_loss", record)), timeout=300)
+    assert f"guard: step {BAD}: non-finite loss on rank 1 and global gradient norm" in proc.stdout
+    for rank in (0, 1):
+        decisions = json.loads((record / f"decisions-rank{rank}.json").read_text())
+        assert decisions == {"skipped": [BAD], "steps": STEPS}, (rank, decisions)
+        weights = [torch.load(record / f"weights-rank{rank}-step{s}.pt") for s in (BAD - 1, BAD, BAD + 1)]
+        before, skipped, after = weights
+        for name in before:
+            assert torch.equal(before[name], skipped[name]), (strategy, rank, name)
+        assert any(not torch.equal(skipped[n], after[n]) for n in before), (strategy, rank, "no update after the skip")
+    guard = json.loads((out / "summary.json").read_text())["guard"]
+    assert guard["skipped_steps"] == [BAD] and guard["events"][0]["ranks"] == [1]
+    rows = logged(out)  # the CSV's step column counts the steps done before the row's step
+    assert [rows[s]["guard/skipped_steps"] for s in range(STEPS)] == ["0.0"] * (BAD - 1) + ["1.0"] * (STEPS - BAD + 1)
+    assert guard["stopped"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("strategy", [*STRATEGIES[2:], *OFFLOAD])
+def test_a_finite_spike_is_dropped_inside_the_deepspeed_step(
+    tiny_data_dir: Path, tmp_path: Path, strategy: str
+) -> None:
+    """DeepSpeed skips non-finite fp32 steps on its own; a finite spike (loss x100 on rank 1) only the
+    guard's gate in the ZeRO step can drop. The weights after the step equal those before it."""
+    out, record = tmp_path / "run", tmp_path / "record"
+    spike = fault("scale_loss", record, factor=100)
+    run_script(args(tiny_data_dir, out, strategy, spike, "guard.min_history=2", "guard.window=2"), timeout=300)
+    for rank in (0, 1):
+        assert json.loads((record / f"decisions-rank{rank}.json").read_text())["skipped"] == [BAD]
+        before, skipped = (torch.load(record / f"weights-rank{rank}-step{s}.pt") for s in (BAD - 1, BAD))
+        for name in before:
+            assert torch.equal(before[name], skipped[name]), (strategy, rank, name)
+    guard = json.loads((out / "summary.json").read_text())["guard"]
+    assert [e["kind"] for e in guard["events"]] == ["loss_spike"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_stop_saves_and_exits_with_its_code(tiny_data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = args(tiny_data_dir, out, "ddp", fault("nan_loss"), "guard.action=stop", accumulation=1)
+    env = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, *cmd], cwd=REPO_ROOT, env={**_env(), **env}, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == EXIT_GUARD_STOPPED, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"guard: stopped at step {BAD}" in proc.stdout
+    assert (out / "checkpoints" / "last.ckpt").exists()
+    guard = json.loads((out / "summary.json").read_text())["guard"]
+    assert guard["skipped_steps"] == [BAD] and "guard.action=stop" in guard["stopped"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_watchdog_dumps_every_rank_names_the_sleeper_and_exits(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """Rank 1 sleeps in step 3: both ranks dump their stacks, the report says rank 1 is behind, the
+    run exits with EXIT_HUNG, and re-running the same command resumes from the last checkpoint."""
+    out = tmp_path / "run"
+    base = args(tiny_data_dir, out, "ddp", "watchdog.timeout_s=4", "watchdog.grace_s=20", accumulation=1)
+    cmd = [*base, fault("sleep", seconds=120)]
+    proc = subprocess.run([sys.executable, *cmd], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=200)  # fmt: skip
+    assert proc.returncode == EXIT_HUNG, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stacks = {r: (out / "hang" / f"rank{r}.txt").read_text() for r in (0, 1)}
+    assert "in _sleep" in stacks[1] and "fault_injection.py" in stacks[1]
+    assert "in _sleep" not in stacks[0]
+    report = (out / "hang" / "report.txt").read_text()
+    assert "rank 1:" in report and "did NOT reach it" in report.split("rank 1:")[1].splitlines()[0]
+    assert "reached the furthest point" in report.split("rank 0:")[1].splitlines()[0]
+    assert "ranks [1] are behind" in report
+    assert (out / "checkpoints" / "last.ckpt").exists()
+    resumed = run_script([a for a in base if a != "resume=null"], timeout=300)
+    assert "resuming from" in resumed.stdout
+    assert json.loads((out / "summary.json").read_text())["steps"] == STEPS
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+
+
+def single(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train/pretrain.py", "experiment=smoke", f"data.dir={data_dir}", f"paths.output_dir={out}",
+        "data.num_workers=0", "trainer.precision=32-true", "trainer.devices=1", "trainer.validate_every_steps=1000",
+        "callbacks.checkpoint.every_n_steps=1000", "sample=null", "logger=csv", "resume=null", *extra,
+    ]  # fmt: skip
+
+
+def logged(out: Path) -> dict[int, dict[str, str]]:
+    import csv
+
+    rows: dict[int, dict[str, str]] = {}
+    for path in sorted((out / "csv").glob("version_*/metrics.csv")):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                rows.setdefault(int(row["step"]), {}).update({k: v for k, v in row.items() if v and k != "step"})
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_guard_changes_nothing_on_a_normal_run(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """On by default, so it must not move a loss: the same run with guard=off logs the same values."""
+    on, off = tmp_path / "on", tmp_path / "off"
+    run_script(single(tiny_data_dir, on), timeout=300)
+    run_script(single(tiny_data_dir, off, "guard=off"), timeout=300)
+    a, b = ({k: v for k, v in logged(out).items() if "train/loss" in v} for out in (on, off))
+    assert sorted(a) == sorted(b) == list(range(STEPS))
+    for step in a:
+        for key in ("train/loss", "grad_norm"):
+            assert a[step][key] == b[step][key], (step, key, a[step], b[step])
+    assert json.loads((on / "summary.json").read_text())["guard"]["events"] == []
+    assert json.loads((off / "summary.json").read_text())["guard"] == {"enabled": False}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_multiplied_loss_is_caught_by_the_default_spike_rule(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """The default rule (8 std over the last good steps, from the 51st step on) flags a loss x10."""
+    out, spike = tmp_path / "run", 58
+    fault_arg = f"+callbacks.fault={{_target_: {INJECT}, kind: scale_loss, step: {spike}, rank: 0, factor: 10}}"
+    run_script(single(tiny_data_dir, out, "trainer.max_steps=60", "trainer.log_every_n_steps=10", fault_arg))
+    guard = json.loads((out / "summary.json").read_text())["guard"]
+    assert [(e["step"], e["kind"]) for e in guard["events"]] == [(spike, "loss_spike")], guard["events"]
+    assert guard["max_loss_z_of_a_good_step"] < 8.0
