@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.strategies import Strategy
 
 from cgpt.config import ConfigError
-from cgpt.strategies.registry import validate_strategy_config
+from cgpt.strategies.registry import SPECS, StrategySpec, validate_strategy_config
 
 
 def on_cpu(accelerator: str | None) -> bool:
@@ -55,11 +55,9 @@ def build_strategy(
     return ds_cls(logging_batch_size_per_gpu=micro_batch_size, activation_checkpointing=ac, **deepspeed_kwargs(config))
 
 
-def strategy_spec_of(strategy: Strategy) -> Any:
+def strategy_spec_of(strategy: Strategy) -> StrategySpec:
     """The registry spec of a built Lightning strategy (single device and Lightning's own DDP: ``auto``)."""
     from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
-
-    from cgpt.strategies.registry import SPECS
 
     if isinstance(strategy, DeepSpeedStrategy):
         stage = strategy.config.get("zero_optimization", {}).get("stage", 2)
