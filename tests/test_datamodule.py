@@ -110,8 +110,8 @@ def test_bad_shards_are_counted_once_and_survive_resume(data: Path) -> None:
 def _consumed(dm: PackedDataModule, world: int, global_batches: int) -> dict:
     """The checkpoint state of a run at ``world`` ranks after ``global_batches`` optimizer steps."""
     dm.trainer = SimpleNamespace(training=True, global_rank=0, world_size=world)
-    dm.train_dataloader()
-    dm.consumed_global_batches = global_batches
+    accumulation = dm.train_dataloader().dataset.accumulation
+    dm.consumed_global_batches, dm.consumed_micro_batches = global_batches, global_batches * accumulation
     return dm.state_dict()
 
 

@@ -224,8 +224,8 @@ class PackedDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         global_batch = self.global_batch_size or self.micro_batch_size * world
         self._accumulation = global_batch // (self.micro_batch_size * world)
-        self.consumed_global_batches = self._resume_global_batch(global_batch)
-        self.consumed_micro_batches = start = self.consumed_global_batches * self._accumulation
+        self.consumed_micro_batches = start = self._resume_batch(world, global_batch)
+        self.consumed_global_batches = -(-start // self._accumulation)
         stream = PackedStream(
             self._shards("train"), self.meta.sample_len, self.micro_batch_size, rank, world,
             seed=self.seed, shuffle=True, infinite=True, start_batch=start, mix_shards=self.mix_shards,
@@ -252,7 +252,9 @@ class PackedDataModule(L.LightningDataModule):
         global_batch = batch.pop("global_batch", None)
         if index is not None and trainer is not None and trainer.training:
             self.consumed_micro_batches = int(index) + 1
-            self.consumed_global_batches = self.consumed_micro_batches // self._accumulation
+            # Rounded up: after a dropped placeholder (unreadable shard) a step can end inside a global
+            # batch; a resume at another layout skips the rest of it rather than repeat samples.
+            self.consumed_global_batches = -(-self.consumed_micro_batches // self._accumulation)
             if os.environ.get(TRACE_ENV):
                 self._trace(int(global_batch), int(index), batch["tokens"], batch.get("sample_keys"))
         return batch
@@ -289,7 +291,8 @@ class PackedDataModule(L.LightningDataModule):
             **params,
             "consumed_global_batches": self.consumed_global_batches,
             "consumed_samples": self.consumed_global_batches * params["global_batch_size"],
-            "micro_batch_size": self.micro_batch_size,  # the layout it was saved in, for the record
+            "consumed_micro_batches": self.consumed_micro_batches,  # per rank, in the layout below
+            "micro_batch_size": self.micro_batch_size,
             "world_size": world,
             "bad_shard_names": sorted(self.bad_shard_names),
         }
@@ -318,8 +321,17 @@ class PackedDataModule(L.LightningDataModule):
         self._resume_from = s
         self.bad_shard_names |= set(s.get("bad_shard_names", ()))
 
+    def _resume_batch(self, world: int, global_batch: int) -> int:
+        """This rank's micro-batches already consumed: the checkpoint's own count in the same layout
+        (exact even after dropped placeholders), else its global batches in this layout."""
+        s = self._resume_from
+        if s and s.get("order") == ORDER and s["global_batch_size"] == global_batch:
+            if (s["world_size"], s["micro_batch_size"]) == (world, self.micro_batch_size):
+                return int(s["consumed_micro_batches"])
+        return self._resume_global_batch(global_batch) * (global_batch // (self.micro_batch_size * world))
+
     def _resume_global_batch(self, global_batch: int) -> int:
-        """Global batches already consumed, in this run's global batch."""
+        """Global batches already consumed, counted in rows of this run's global batch."""
         s = self._resume_from
         if not s:
             return 0
