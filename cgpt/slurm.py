@@ -147,7 +147,7 @@ def check_environment(devices: object, num_nodes: object, environ: Mapping[str, 
     ntasks = int(env["SLURM_NTASKS"])
     where = f"node {env.get('SLURM_NODEID', '?')} ({env.get('SLURMD_NODENAME', '?')})"
     print(f"SLURM task {env.get('SLURM_PROCID', '?')}/{ntasks} on {where}", flush=True)
-    if ntasks == 1 and devices in (1, "auto"):
+    if ntasks == 1 and devices in (1, "auto") and num_nodes == 1:
         return
     if not isinstance(devices, int) or not isinstance(num_nodes, int) or ntasks != devices * num_nodes:
         raise ConfigError(

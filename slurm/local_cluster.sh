@@ -180,6 +180,10 @@ stop() {
             rm -f "$DIR/slurmd-$node.pid"
         fi
     done
+    if [[ -f "$DIR/slurmd.pid" ]]; then # the one slurmd of a cluster started by an older version of this script
+        kill "$(cat "$DIR/slurmd.pid")" 2>/dev/null || true
+        rm -f "$DIR/slurmd.pid"
+    fi
     if [[ -f "$DIR/slurmctld.pid" ]]; then
         kill "$(cat "$DIR/slurmctld.pid")" 2>/dev/null || true
         rm -f "$DIR/slurmctld.pid"

@@ -121,6 +121,8 @@ def test_check_resources_and_environment() -> None:
     with pytest.raises(ConfigError, match="runs 8 tasks but trainer.devices=1"):
         check_environment(1, 1, env)
     check_environment(1, 1, {"SLURM_JOB_NAME": "cgpt", "SLURM_NTASKS": "8"})  # the batch shell, not a step
+    with pytest.raises(ConfigError, match="runs 1 tasks but trainer.devices=1 x trainer.num_nodes=2"):
+        check_environment(1, 2, {**env, "SLURM_NTASKS": "1"})  # an elastic job restarted on fewer nodes
     check_environment(1, 1, {**env, "SLURM_JOB_NAME": "bash"})  # interactive allocation
 
 
