@@ -142,6 +142,10 @@ start() {
     [[ "${1:-}" == "--install" ]] && ! command -v slurmctld >/dev/null && install_packages
     command -v slurmctld >/dev/null || die "slurmctld not installed (run with --install, or see the header)"
     [[ "$(id -u)" == 0 ]] || die "must run as root (namespaces and slurmd need it)"
+    local tool
+    for tool in ip nsenter unshare; do
+        command -v "$tool" >/dev/null || die "$tool not found (install iproute2 and util-linux)"
+    done
     write_conf
     export SLURM_CONF="$CONF"
     start_network

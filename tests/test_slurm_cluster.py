@@ -262,7 +262,8 @@ def test_job_that_loses_a_node_is_requeued_and_resumes_on_the_node_left(tiny_dat
     kills the job DUE TO NODE FAILURE and requeues it (--requeue); it restarts on cgpt-n1 alone and
     resumes from the step-CKPT_EVERY checkpoint at world size 1 (same global batch, twice the
     accumulation). The per-rank data traces (CGPT_DATA_TRACE) stay in <out>/batches.rank* for
-    comparing against an uninterrupted run."""
+    comparing against an uninterrupted run: the ``jobs`` fixture's "two_node" job is one (same data,
+    batch and steps; its traces in <out>/batches.rank0 and .rank1)."""
     out = tmp_path / "nodeloss"
     proc = _submit(tiny_data_dir, out, "slurm.nodes=2", "slurm.min_nodes=1", "slurm.gpus_per_node=1", *TEN_MINUTES,
                    f"callbacks.checkpoint.every_n_steps={CKPT_EVERY}", *_pause_at(LOSS_STEP, out))  # fmt: skip
