@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from cgpt.data.shards import DatasetMeta
 from cgpt.data.stream import DEFAULT_PARTITIONS, PackedStream, Shard
+from cgpt.preemption import leave_signals_to_main_process
 
 # File prefix: each rank appends a line per training micro-batch it consumes (global batch, keys).
 TRACE_ENV = "CGPT_DATA_TRACE"
@@ -216,6 +217,7 @@ class PackedDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
             prefetch_factor=4 if self.num_workers > 0 else None,
+            worker_init_fn=leave_signals_to_main_process,  # SLURM's SIGTERM reaches workers too
         )
         loader.on_skip = lambda batch: self._note_bad_shards(batch.get("bad_shards"), split)
         return loader
