@@ -34,7 +34,9 @@ ORDER = "global-partitions-v1"  # the order a checkpoint's data position counts 
 class PackedLoader(DataLoader):
     """A DataLoader that drops the placeholders of batches that needed an unreadable shard
     (``tokens`` None) after handing them to ``on_skip``, in the training process, so the order
-    of the remaining batches is still independent of the number of workers."""
+    of the remaining batches is still independent of the number of workers. It makes each batch's
+    ``sample_keys`` an int64 tensor of shape (B,) here (a list of ints crosses from the worker
+    process for free; a second tensor would cost a shared-memory segment per batch)."""
 
     on_skip: Callable[[dict[str, Any]], None] | None = None
 
@@ -44,6 +46,8 @@ class PackedLoader(DataLoader):
                 if self.on_skip is not None:
                     self.on_skip(batch)
                 continue
+            if isinstance(batch, dict) and isinstance(batch.get("sample_keys"), list):
+                batch["sample_keys"] = torch.tensor(batch["sample_keys"], dtype=torch.int64)
             yield batch
 
 
