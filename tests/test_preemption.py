@@ -1,12 +1,14 @@
 """Preemption outside SLURM, one process: SIGUSR2 (submitit's) and SIGTERM sent to a training run at a
 known step save last.ckpt at the next step boundary and exit with status 3 (docs/slurm-and-sweeps.md);
-re-running the command resumes from that step, and its first logged step is that step.
+re-running the command resumes from that step, its first logged step is that step, and it ends with
+the losses of an uninterrupted run.
 
 SLURM's USR1 before a time limit: tests/test_slurm_cluster.py, on a real cluster.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -56,3 +58,5 @@ def test_signal_saves_at_the_step_boundary_exits_3_and_the_rerun_resumes_there(
     ref = losses(single_process_run[0])
     for step, loss in own.items():  # and continues the same training (one process resumes bitwise)
         assert loss == ref[step], (step, loss, ref[step])
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (single_process_run[0], out))
+    assert (b["train_loss"], b["val_loss"]) == (a["train_loss"], a["val_loss"])  # measured: identical
