@@ -101,6 +101,25 @@ class SFTModule(CerebrasGPTModule):
         """The mean loss over the batch's target tokens (what the base's training step logs)."""
         return sft_loss(self.model, batch)[0]
 
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The base's step (it logs the micro-batch's per-token mean), returned as this micro-batch's
+        share of the per-token mean over the optimizer step's whole global batch.
+
+        Micro-batches hold different numbers of target tokens, so a mean of per-micro-batch means
+        would weight a token by the size of the micro-batch it landed in, and the result would change
+        with the number of ranks. Lightning divides each returned loss by the accumulation and the
+        strategies average gradients over ranks; scaling the mean by ``n * accumulation * ranks /
+        step_targets`` (``n`` this micro-batch's targets, ``step_targets`` the step's on all ranks,
+        from :class:`cgpt.data.sft.SFTDataModule`) leaves the sum of every target token's loss over
+        ``step_targets``.
+        """
+        step_targets = batch.pop("step_targets", None)
+        mean = super().training_step(batch, batch_idx)
+        if step_targets is None:  # a batch from elsewhere (a test): its own mean
+            return mean
+        n = (batch["targets"] != IGNORE_INDEX).sum()
+        return mean * (n * self.trainer.accumulate_grad_batches * self.trainer.world_size / step_targets)
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, n = sft_loss(self.model, batch)
         # Weighted by target tokens: the epoch value is the per-token mean over the whole split.

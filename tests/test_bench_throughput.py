@@ -130,6 +130,7 @@ def test_benchmark_reads_prepared_shards_with_the_real_datamodule(tiny_data_dir)
     assert result["plain"]["tokens_per_sec"] > 0 and result["cgpt"]["tokens_per_sec"] > 0
 
 
+@pytest.mark.slow  # a benchmark subprocess, 38 s under load: make test runs it, make test-fast does not
 def test_guard_compare_times_the_cgpt_loop_with_and_without_the_step_guard(tmp_path):
     out = tmp_path / "result.json"
     argv = [str(SCRIPT), *TINY, "--steps", "5", "--warmup", "1", "--repeats", "1", "--log-every", "2"]

@@ -143,6 +143,7 @@ def _lrs(out: Path) -> dict[int, float]:
     return result
 
 
+@pytest.mark.slow  # training subprocesses: make test runs it, make test-fast does not
 def test_resume_with_new_batch_and_rebased_schedule_keeps_optimizer_state(tiny_data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     common = [
@@ -174,6 +175,7 @@ def test_resume_with_new_batch_and_rebased_schedule_keeps_optimizer_state(tiny_d
     assert resolved["global_batch_size"] == 8 and resolved["accumulate_grad_batches"] == 4
 
 
+@pytest.mark.slow  # training subprocesses: make test runs it, make test-fast does not
 def test_offset_on_a_fresh_run_is_refused_with_a_fix(tiny_data_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(AssertionError, match="step_offset=-3 puts step 0 at schedule position -3"):
         run_script(["train/pretrain.py", "experiment=smoke", f"data.dir={tiny_data_dir}",

@@ -37,7 +37,9 @@ def test_tiny_model_learns_to_reverse_then_resumes_continues_with_lora_and_expor
     common = [f"data.train_file={data}", "data.val_fraction=0.2", "data.pack=false", "data.micro_batch_size=16",
               "data.global_batch_size=16", "data.max_seq_len=32", "model.block_size=64", "optim.lr=3e-3",
               "scheduler.warmup_steps=5", "sft.num_samples=25", "sft.max_new_tokens=8", *SHORT_TEMPLATE]  # fmt: skip
-    out = _finetune(run, *common, "trainer.max_steps=150", "trainer.validate_every_steps=75")
+    # Checkpoints at the validations (75, 150): the re-run below resumes from step 150.
+    every = ["trainer.validate_every_steps=75", "callbacks.checkpoint.every_n_steps=75"]
+    out = _finetune(run, *common, "trainer.max_steps=150", *every)
     assert "SFT data: 100 train / 25 val examples, 0 skipped" in out
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     final = [s for s in samples if s["step"] == 150]
@@ -59,12 +61,12 @@ def test_tiny_model_learns_to_reverse_then_resumes_continues_with_lora_and_expor
     assert tok.decode(gen[0, ids.size(1) :].tolist()).replace("<|endoftext|>", "") == s["output"]
 
     # Re-running with more steps resumes the fine-tune (optimizer, schedule, data position), not init.
-    out = _finetune(run, *common, "trainer.max_steps=155", "trainer.validate_every_steps=75")
+    out = _finetune(run, *common, "trainer.max_steps=155", *every)
     assert "resuming from" in out and "initialising weights" not in out
     summary = json.loads((run / "summary.json").read_text())
-    # It continued from last.ckpt, saved every 100 steps (conf/finetune.yaml), so at step 100: a
-    # re-run from step 0 would also end at step 155, but after running 155 steps.
-    assert (summary["steps"], summary["steps_this_run"]) == (155, 55), summary
+    # It continued from last.ckpt of step 150: a re-run from step 0 would also end at step 155, but
+    # after running 155 steps.
+    assert (summary["steps"], summary["steps_this_run"]) == (155, 5), summary
     assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]), rel=1e-5)  # over target tokens
 
     # LoRA from the fine-tuned run: base frozen, adapters saved alone, merged export.

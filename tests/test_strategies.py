@@ -103,7 +103,8 @@ def test_activation_checkpointing_keeps_names_and_gradients() -> None:
 
 
 # --- multi-process runs ---------------------------------------------------------------------------
-DEEPSPEED = ["deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_2_offload"]
+DEEPSPEED = ["deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_2_offload",
+             "deepspeed_stage_3_offload"]  # fmt: skip
 STRATEGIES = ["ddp", "fsdp", *DEEPSPEED]  # DeepSpeed is a dev extra: CI has it, never skipped
 # Activation checkpointing rides along where it is riskiest (sharded parameters): it must not change a loss.
 AC = ["strategy.activation_checkpointing=true"]
@@ -272,6 +273,27 @@ def test_zero3_killed_while_writing_last_ckpt_resumes_from_its_own_folder(
     a, b = weights(ckpts / "last.ckpt"), weights(runs[name] / "checkpoints" / "last.ckpt")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=TOL, rtol=0, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)  # the first test pays for the shared runs
+def test_zero3_offload_resumes_after_sigkill_with_zero3_losses(
+    runs: dict[str, Path], tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """deepspeed_stage_3_offload (parameters and optimizer on the CPU, DeepSpeedCPUAdam): kill -9 after
+    the step-2 checkpoint, re-run; it continues at step 2 with the losses and final weights of ZeRO-3
+    without offload (the shared runs), within TOL."""
+    out = tmp_path / "offload"
+    args = pretrain_args(tiny_data_dir, out, "deepspeed_stage_3_offload")
+    kill_after(args, out / "checkpoints" / "step0000002.ckpt")
+    proc = run_script(args, timeout=400)
+    assert "resuming from" in proc.stdout
+    got, ref = assert_resumed_at(out, 2), losses(runs["deepspeed_stage_3"])
+    for step in got:
+        assert abs(got[step] - ref[step]) < TOL, (step, got[step], ref[step])
+    a, b = weights(out / "checkpoints" / "last.ckpt"), weights(runs["deepspeed_stage_3"] / "checkpoints" / "last.ckpt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=CONSOLIDATED_ATOL, rtol=0, msg=k)
 
 
 @pytest.mark.slow  # several seconds: make test runs it, make test-fast does not

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,55 @@ def test_optuna_sweep_runs_two_trials_and_reports_the_best(tiny_data_dir: Path, 
     best_trial = losses.index(min(losses))
     assert best["best_value"] == pytest.approx(losses[best_trial], rel=1e-6), (best, losses)
     assert best["best_params"]["optim.lr"] == pytest.approx(lrs[best_trial], rel=1e-9), (best, lrs)
+
+
+def _slurm_env() -> dict[str, str] | None:
+    """The environment for sbatch against the local test cluster (slurm/local_cluster.sh), or None
+    when no controller answers."""
+    import shutil
+    import subprocess
+
+    env = dict(os.environ)
+    default = Path(os.environ.get("CGPT_SLURM_DIR", "/tmp/cgpt-slurm")) / "slurm.conf"
+    if "SLURM_CONF" not in env and default.is_file():
+        env["SLURM_CONF"] = str(default)
+    if not shutil.which("sbatch"):
+        return None
+    try:
+        ok = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return env if ok.returncode == 0 and ok.stdout.strip() else None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_slurm_launcher_sweep_runs_each_point_as_a_job(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """hydra/launcher=cgpt_slurm end to end on the local cluster: a two-point sweep submits two SLURM
+    jobs through submitit, each trains in its own sweep folder and returns its validation loss."""
+    import subprocess
+    import sys
+
+    env = _slurm_env()
+    if env is None:
+        pytest.skip("no SLURM controller reachable (run slurm/local_cluster.sh start)")
+    sweep = tmp_path / "slurm_sweep"
+    env = {**env, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    args = ["train/pretrain.py", "-m", "hydra/launcher=cgpt_slurm", "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.timeout_min=10", "experiment=smoke", f"data.dir={tiny_data_dir}", "optim.lr=1e-3,3e-3",
+            "sample=null", "logger=none", "trainer.max_steps=2", "trainer.validate_every_steps=2",
+            "callbacks.checkpoint.every_n_steps=2", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    proc = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=540)  # fmt: skip
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/summary.json")}
+    assert sorted(summaries) == ["0", "1"], sorted(p.name for p in sweep.iterdir())
+    assert {s["config"]["optim"]["lr"] for s in summaries.values()} == {1e-3, 3e-3}
+    assert all(s["steps"] == 2 and s["val_loss"] is not None for s in summaries.values())
+    # Each point ran as a task of one SLURM job array (submitit's folders <job>_<task>) and returned
+    # its result from there.
+    tasks = sorted(d.name for d in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", d.name))
+    assert len(tasks) == 2 and tasks[0].split("_")[0] == tasks[1].split("_")[0], tasks
+    for task in tasks:
+        log = next((sweep / ".submitit" / task).glob("*_log.out")).read_text()
+        assert "Job completed successfully" in log and "summary: " in log, log[-2000:]

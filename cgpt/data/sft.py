@@ -256,7 +256,13 @@ def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
 
 
 class _Batches(IterableDataset):
-    """Micro-batches of one rank in a deterministic order; training repeats forever from ``start``."""
+    """Micro-batches of one rank in a deterministic order; training repeats forever from ``start``.
+
+    Training micro-batches also carry ``step_targets``: the target tokens of the whole optimizer step
+    they belong to (``accumulate`` micro-batches on each of the ``world`` ranks), which
+    :class:`cgpt.sft.SFTModule` divides by so that a step's loss is the per-token mean over its global
+    batch, whatever the split into ranks and micro-batches.
+    """
 
     def __init__(
         self,
@@ -271,6 +277,7 @@ class _Batches(IterableDataset):
         shuffle: bool = True,
         infinite: bool = True,
         start: int = 0,
+        accumulate: int = 1,
     ) -> None:
         self.examples, self.mbs, self.seq_len, self.pack, self.pad_id = (
             examples,
@@ -287,13 +294,17 @@ class _Batches(IterableDataset):
             infinite,
             start,
         )
+        self.accumulate = accumulate
+        self.targets = [sum(e.loss_mask[1:]) for e in examples]
         if self.batches_per_epoch() == 0:
             raise ConfigError(
                 f"{len(examples)} examples make fewer micro-batches of {micro_batch_size} than the {world} "
                 "rank(s): use more data or a smaller micro_batch_size"
             )
 
-    def _epoch(self, epoch: int) -> list[list[list[Example]]]:
+    def _layout(self, epoch: int) -> tuple[list[list[list[int]]], int]:
+        """Epoch ``epoch`` on every rank: its micro-batches (rows of example indices; rank r takes
+        r, r + world, ...) and how many micro-batches each rank takes."""
         n = len(self.examples)
         order = list(np.random.default_rng([self.seed, epoch]).permutation(n)) if self.shuffle else list(range(n))
         if self.pack:
@@ -302,26 +313,62 @@ class _Batches(IterableDataset):
             rows = [[i] for i in order]
         batches = [rows[i : i + self.mbs] for i in range(0, len(rows), self.mbs)]
         per_rank = len(batches) // self.world if self.infinite else -(-len(batches) // self.world)
+        return batches, per_rank
+
+    def _epoch(self, epoch: int) -> list[list[list[Example]]]:
+        batches, per_rank = self._layout(epoch)
         mine = batches[self.rank :: self.world][:per_rank]
         return [[[self.examples[i] for i in row] for row in b] for b in mine]
 
     def batches_per_epoch(self) -> int:
         return len(self._epoch(0))
 
+    def _step_targets(self) -> Iterator[int]:
+        """Target tokens of each optimizer step over all ranks, step after step from step 0.
+
+        Every rank takes the same number of micro-batches per epoch, so the i-th micro-batch of each
+        rank sits at the same position of the same epoch: position p of rank r is batch p * world + r.
+        """
+        epoch, pending, total = 0, 0, 0
+        while True:
+            batches, per_rank = self._layout(epoch)
+            for p in range(per_rank):
+                for b in batches[p * self.world : (p + 1) * self.world]:
+                    total += sum(self.targets[i] for row in b for i in row)
+                pending += 1
+                if pending == self.accumulate:
+                    yield total
+                    pending, total = 0, 0
+            epoch += 1
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         index, epoch = 0, 0
+        step_targets = self._step_targets() if self.infinite else None
+        targets = 0
         while True:
             batches = self._epoch(epoch)
-            if index + len(batches) <= self.start:  # skip whole epochs when resuming
-                index += len(batches)
-            else:
-                for b in batches:
-                    if index >= self.start:
-                        yield {**collate(b, self.pad_id, self.pack), "batch_index": index}
-                    index += 1
+            for b in batches:
+                if step_targets is not None and index % self.accumulate == 0:
+                    targets = next(step_targets)
+                if index >= self.start:
+                    batch = collate(b, self.pad_id, self.pack)
+                    if step_targets is not None:
+                        batch["step_targets"] = torch.tensor(targets)
+                    yield {**batch, "batch_index": index}
+                index += 1
             if not self.infinite:
                 return
             epoch += 1
+
+
+class _Listed(IterableDataset):
+    """Batches already dealt to this rank, yielded as they are."""
+
+    def __init__(self, batches: list[dict[str, Any]]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.batches)
 
 
 class SFTDataModule(L.LightningDataModule):
@@ -403,9 +450,11 @@ class SFTDataModule(L.LightningDataModule):
 
     def _batches(self, examples: list[Example], train: bool, start: int = 0) -> _Batches:
         rank, world = self._rank_world()
+        trainer = getattr(self, "trainer", None)
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
         return _Batches(
             examples, self.micro_batch_size, self.max_seq_len, self.pack, self.tokenizer.eos_id, self.seed,
-            rank, world, shuffle=train, infinite=train, start=start,
+            rank, world, shuffle=train, infinite=train, start=start, accumulate=accumulate,
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
@@ -415,7 +464,9 @@ class SFTDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         batches = list(self._batches(self.val_examples, False))
-        return DataLoader(batches[: self.val_batches] if self.val_batches else batches, batch_size=None)
+        # An iterable dataset: Lightning would deal a list (map-style) to the ranks once more with a
+        # DistributedSampler, and each rank would validate on part of its own share only.
+        return DataLoader(_Listed(batches[: self.val_batches] if self.val_batches else batches), batch_size=None)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = getattr(self, "trainer", None)
