@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning as L
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cgpt.weights import atomic_save
+from cgpt.weights.reshard import TOPOLOGY_KEY
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -21,6 +23,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         atomic_save(checkpoint, path)
+
+
+class TopologyRecorder(L.Callback):
+    """Records in every checkpoint how the run was laid out (ranks, micro-batch, accumulation), so a
+    resume at another world size can say what changed (:func:`cgpt.weights.checkpoint_topology`)."""
+
+    def __init__(self, world_size: int, micro_batch_size: int, accumulate_grad_batches: int) -> None:
+        self.topology = {"world_size": world_size, "micro_batch_size": micro_batch_size,
+                         "accumulate_grad_batches": accumulate_grad_batches}  # fmt: skip
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[TOPOLOGY_KEY] = dict(self.topology)
 
 
 def periodic_checkpoints(dirpath: str, every_n_steps: int = 200, keep_last: int = 2) -> ModelCheckpoint:
