@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from cgpt.config import ConfigError
@@ -160,7 +159,7 @@ class CgptDeepSpeedStrategy(DeepSpeedStrategy):
         written_by = checkpoint_world_size(path) if path.is_dir() else None
         if written_by in (None, self.world_size):
             return super().load_checkpoint(path, weights_only)
-        universal = deepspeed_universal(path, log=rank_zero_info) if self.is_global_zero else None
+        universal = deepspeed_universal(path, log=_say) if self.is_global_zero else None
         universal = Path(self.broadcast(str(universal)))
         config = self.deepspeed_engine._config
         config.load_universal_checkpoint = True  # read at load time only (engine.load_universal_checkpoint())
@@ -175,6 +174,10 @@ class CgptDeepSpeedStrategy(DeepSpeedStrategy):
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
         return client_state
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 def _to_cpu_adam(optimizer: torch.optim.Optimizer, lr_scheduler: Any = None) -> torch.optim.Optimizer:

@@ -61,6 +61,11 @@ def _deepspeed_state(strategy: Any) -> dict[str, dict[str, torch.Tensor]]:
     engine = strategy.deepspeed_engine
     out: dict[str, dict[str, torch.Tensor]] = {"params": {}, **{k: {} for k in MOMENTS}}
     started = bool(engine.optimizer.optimizer.state)  # no moments before the first step
+    if started and hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+        # ZeRO 1/2 link each parameter to its slice of the flat Adam state once, after the first group's
+        # first step, when the later groups have no state yet: link again so every group's is readable.
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
     for name, p in engine.module.named_parameters():
         out["params"][name] = safe_get_full_fp32_param(p).detach().float().cpu()
         for key in MOMENTS[:2] if started else ():
