@@ -37,10 +37,21 @@ class TopologyRecorder(L.Callback):
         checkpoint[TOPOLOGY_KEY] = dict(self.topology)
 
 
+class PeriodicCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, except that a resumed run does not save again the step it resumed
+    from: Lightning forgets which step it saved last, and with gradient accumulation (a resume on
+    fewer ranks) the first micro-batch ends at the resumed step, which it then saved a second time
+    under a ``-v1`` name, mid-accumulation, taking a ``keep_last`` slot."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_global_step_saved = trainer.global_step  # 0 for a fresh run, as Lightning starts
+
+
 def periodic_checkpoints(dirpath: str, every_n_steps: int = 200, keep_last: int = 2) -> ModelCheckpoint:
     """``last.ckpt`` (the resume point) every ``every_n_steps`` optimizer steps, plus the newest
     ``keep_last`` step-numbered checkpoints (older ones are deleted)."""
-    return ModelCheckpoint(
+    return PeriodicCheckpoint(
         dirpath=dirpath,
         filename="step{step:07d}",
         auto_insert_metric_name=False,

@@ -45,6 +45,8 @@ def resume_chain(data_dir: Path, out: Path, strategy: str, worlds: list[int]) ->
         proc = run_at(data_dir, out, strategy, world, steps, f"dump{i}")
         dumps = {k: torch.load(out / f"dump{i}" / f"{k}.pt", weights_only=False) for k in ("start", "end")}
         own = _csv_losses(_csv_versions(out)[-1])
+        # A resume with more accumulation must not save the step it resumed from again (as step*-v1.ckpt).
+        assert not list((out / "checkpoints").glob("*-v*.ckpt")), sorted((out / "checkpoints").iterdir())
         runs.append({"stdout": proc.stdout, **dumps, "losses": own, "from": start, "world": world})
     return runs
 
