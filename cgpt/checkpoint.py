@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cgpt.weights import atomic_save
+from cgpt.weights.reshard import TOPOLOGY_KEY
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -24,14 +25,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_save(checkpoint, path)
 
 
-class PeriodicCheckpoint(ModelCheckpoint):
-    """Lightning's step-interval checkpoint, plus one at the end of training.
+class TopologyRecorder(L.Callback):
+    """Records in every checkpoint how the run was laid out (ranks, micro-batch, accumulation), so a
+    resume at another world size can say what changed (:func:`cgpt.weights.checkpoint_topology`)."""
 
-    Lightning saves ``last.ckpt`` at the end of training only if it never saved one before, so a run
-    whose ``max_steps`` is not a multiple of the interval ended with a ``last.ckpt`` up to
-    ``every_n_steps - 1`` steps old: extending the run (a larger ``trainer.max_steps``) or fine-tuning
-    from its folder started from there, not from the weights the run finished with.
+    def __init__(self, world_size: int, micro_batch_size: int, accumulate_grad_batches: int) -> None:
+        self.topology = {"world_size": world_size, "micro_batch_size": micro_batch_size,
+                         "accumulate_grad_batches": accumulate_grad_batches}  # fmt: skip
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[TOPOLOGY_KEY] = dict(self.topology)
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """Lightning's step-interval checkpoint, with two fixes of what it saves when.
+
+    - At the end of training: Lightning saves ``last.ckpt`` then only if it never saved one before,
+      so a run whose ``max_steps`` is not a multiple of the interval ended with a ``last.ckpt`` up to
+      ``every_n_steps - 1`` steps old, and extending the run (a larger ``trainer.max_steps``) or
+      fine-tuning from its folder started from there, not from the weights the run finished with.
+    - After a resume: Lightning forgets which step it saved last, and with gradient accumulation (a
+      resume on fewer ranks) the first micro-batch ends at the resumed step, which it then saved a
+      second time under a ``-v1`` name, mid-accumulation, taking a ``keep_last`` slot.
     """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_global_step_saved = trainer.global_step  # 0 for a fresh run, as Lightning starts
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._should_skip_saving_checkpoint(trainer) or _saved_by_another(trainer):

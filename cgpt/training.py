@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from cgpt.callbacks import RunSummary
-from cgpt.checkpoint import AtomicCheckpointIO
+from cgpt.checkpoint import AtomicCheckpointIO, TopologyRecorder
 from cgpt.guard import EXIT_GUARD_STOPPED, StepGuard, build_guard
 from cgpt.hardware import (
     accelerator_device_type,
@@ -185,6 +185,8 @@ def build(
                             "precision": trainer_cfg["precision"], "decisions": decisions}  # fmt: skip
     summary = RunSummary(str(out_dir / "summary.json"), resolved)
     callbacks = [instantiate(c) for c in (config.get("callbacks") or {}).values() if c is not None] + [summary]
+    world = trainer_cfg["devices"] * trainer_cfg["num_nodes"]  # the layout each checkpoint records
+    callbacks.append(TopologyRecorder(world, plan.micro_batch_size, plan.accumulate_grad_batches))
     # The step guard (cgpt/guard.py) and the hang watchdog (cgpt/watchdog.py): docs/fault-tolerance.md
     guard = build_guard(config.get("guard"), str(out_dir / "checkpoints"))
     watchdog = build_watchdog(config.get("watchdog"), str(out_dir))
@@ -233,6 +235,25 @@ def resume_point(config: dict[str, Any]) -> str | None:
     return str(resume) if resume else None
 
 
+def check_resume_point(ckpt: str, config: dict[str, Any], trainer: L.Trainer, module: Any) -> str | None:
+    """Refuse a checkpoint of another model shape or strategy family (:func:`cgpt.weights.check_resume`);
+    at another world size, the line that says so and how accumulation follows from the global batch."""
+    from cgpt.model import GPT
+    from cgpt.strategies import spec_for
+    from cgpt.weights import check_resume, checkpoint_topology
+
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in GPT(module.model_config).state_dict().items()}
+    check_resume(ckpt, spec_for(config.get("strategy")).kind, shapes)
+    saved, world = checkpoint_topology(ckpt), config["trainer"]["devices"] * config["trainer"]["num_nodes"]
+    if saved.world_size in (None, world):
+        return None
+    before = saved.accumulate_grad_batches if saved.accumulate_grad_batches is not None else "?"
+    plural = "rank" if world == 1 else "ranks"
+    return (f"resuming at {world} {plural} from a checkpoint of {saved.world_size}: "
+            f"accumulation {before} -> {trainer.accumulate_grad_batches}")  # fmt: skip
+
+
 def fit(config: dict[str, Any], components: Components = pretrain_components) -> dict[str, Any]:
     """Train (resuming when the output folder has a checkpoint), validate at the end, write
     summary.json, print the result and a sample. Returns the summary."""
@@ -240,8 +261,9 @@ def fit(config: dict[str, Any], components: Components = pretrain_components) ->
     ckpt = resume_point(config)
     if ckpt:
         module.set_init_from(None)  # the checkpoint holds the weights (and optimizer, schedule, data position)
+        note = check_resume_point(ckpt, config, trainer, module)  # before any process group or weights
     if ckpt and trainer.is_global_zero:
-        print(f"resuming from {ckpt}", flush=True)
+        print(f"resuming from {ckpt}" + (f"\n{note}" if note else ""), flush=True)
     elif module.init_from and trainer.is_global_zero:
         print(f"initialising weights from {module.init_from} (fresh optimizer and schedule)", flush=True)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Generator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 from cgpt.config import ConfigError
 from cgpt.strategies.activation_checkpointing import apply_activation_checkpointing
 from cgpt.strategies.checkpoint_io import atomic_dir_save, remove_checkpoint
+from cgpt.weights.reshard import checkpoint_world_size, deepspeed_universal, universal_path
 
 TUNING_KEYS = ("allgather_bucket_size", "reduce_bucket_size", "overlap_comm", "contiguous_gradients", "sub_group_size")
 
@@ -143,9 +145,39 @@ class CgptDeepSpeedStrategy(DeepSpeedStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         save = super().save_checkpoint
         atomic_dir_save(self, filepath, lambda tmp: save(checkpoint, tmp))
+        remove_checkpoint(self, universal_path(filepath))  # a conversion of the folder this save replaced
 
     def remove_checkpoint(self, filepath: Any) -> None:
         remove_checkpoint(self, filepath)
+        remove_checkpoint(self, universal_path(filepath))
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Resume a ZeRO folder written by any number of ranks. At another world size, rank 0 converts
+        it to DeepSpeed's universal checkpoint (next to it; the original is only read) and every rank
+        loads its own partition of the fp32 weights, Adam moments and step from that."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        written_by = checkpoint_world_size(path) if path.is_dir() else None
+        if written_by in (None, self.world_size):
+            return super().load_checkpoint(path, weights_only)
+        universal = deepspeed_universal(path, log=_say) if self.is_global_zero else None
+        universal = Path(self.broadcast(str(universal)))
+        config = self.deepspeed_engine._config
+        config.load_universal_checkpoint = True  # read at load time only (engine.load_universal_checkpoint())
+        try:
+            client_state = super().load_checkpoint(universal, weights_only)
+        finally:
+            config.load_universal_checkpoint = False
+        # ZeRO-3's universal load gives every flat parameter group the same step tensor; Adam increments
+        # each group's step in place, so the shared one advanced once per group per step (measured: 6
+        # after 2 steps from step 2) and bias correction drifted. One tensor per group, as at save time.
+        for state in self.deepspeed_engine.optimizer.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+        return client_state
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 def _to_cpu_adam(optimizer: torch.optim.Optimizer, lr_scheduler: Any = None) -> torch.optim.Optimizer:

@@ -1,0 +1,200 @@
+"""Resume at another world size: every strategy's checkpoint written by W ranks continues at W'.
+
+Each test trains at 2 gloo processes, resumes in the same output folder at 1 (and, for the sharded
+formats that reshard, back at 2), and compares the full training state right after the load (before
+any new step) with the state the previous run ended with: fp32 weights, Adam exp_avg / exp_avg_sq
+and step, gathered to whole tensors by the test-only :class:`cgpt.strategies.full_state.StateDump`.
+States are compared, not losses: the data order at another world size is not yet the same samples
+per global batch. :func:`resume_chain` returns each run's losses too, so a comparison with an
+uninterrupted run is one more assertion once it is.
+
+The fast tests at the end check the refusals: a checkpoint of another model shape, and one of
+another strategy family than the run's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import _csv_losses, _csv_versions, pretrain_args, run_script
+
+from cgpt.weights import ResumeError, check_resume
+
+FIRST = 2  # optimizer steps of the first run (checkpoints every 2 steps)
+MOMENTS = ("params", "exp_avg", "exp_avg_sq", "step")
+
+
+def run_at(data_dir: Path, out: Path, strategy: str, devices: int, max_steps: int, dump: str, *extra: str):
+    """One run of ``pretrain_args`` to ``max_steps`` with the state dumped to ``out/dump``."""
+    args = [a for a in pretrain_args(data_dir, out, strategy, devices) if not a.startswith("trainer.max_steps=")]
+    probe = f"+callbacks.dump={{_target_: cgpt.strategies.full_state.StateDump, dirpath: {out / dump}}}"
+    return run_script([*args, f"trainer.max_steps={max_steps}", probe, *extra], timeout=400)
+
+
+def resume_chain(data_dir: Path, out: Path, strategy: str, worlds: list[int]) -> list[dict]:
+    """Train at ``worlds[0]`` ranks for FIRST steps, then resume at each following world size in the
+    same folder (two more steps each, one for the last). Returns per run: its stdout, the state dumps
+    at its start and end, its own logged losses, and the step it started from."""
+    runs, steps = [], 0
+    for i, world in enumerate(worlds):
+        start = steps
+        steps = FIRST if i == 0 else steps + (1 if i == len(worlds) - 1 else 2)
+        proc = run_at(data_dir, out, strategy, world, steps, f"dump{i}")
+        dumps = {k: torch.load(out / f"dump{i}" / f"{k}.pt", weights_only=False) for k in ("start", "end")}
+        own = _csv_losses(_csv_versions(out)[-1])
+        # A resume with more accumulation must not save the step it resumed from again (as step*-v1.ckpt).
+        assert not list((out / "checkpoints").glob("*-v*.ckpt")), sorted((out / "checkpoints").iterdir())
+        runs.append({"stdout": proc.stdout, **dumps, "losses": own, "from": start, "world": world})
+    return runs
+
+
+def assert_same_state(saved: dict, loaded: dict, what: str) -> None:
+    """Every tensor of the state after the load equals the one the checkpoint was saved from.
+    Measured: bitwise equal for DDP, FSDP2 (DCP resharding) and ZeRO-2/3 (universal checkpoint)."""
+    assert loaded["global_step"] == saved["global_step"], what
+    for key in MOMENTS:
+        assert saved[key], (what, key, "the saving run recorded no state")
+        assert loaded[key].keys() == saved[key].keys(), (what, key)
+        for name, tensor in saved[key].items():
+            assert torch.equal(loaded[key][name], tensor), (what, key, name, (loaded[key][name] - tensor).abs().max())
+    assert {float(s) for s in saved["step"].values()} == {float(saved["global_step"])}, what  # Adam counted each step
+
+
+def assert_resumed_runs(runs: list[dict], strategy: str) -> None:
+    for before, after in zip(runs, runs[1:]):
+        what = f"{strategy}: {before['world']} -> {after['world']} ranks"
+        assert_same_state(before["end"], after["start"], what)
+        assert after["start"]["world_size"] == after["world"], what
+        # It really continued: its own log starts at the saved step (the progress line's step s+1).
+        assert min(after["losses"]) == after["from"] == before["end"]["global_step"], (what, sorted(after["losses"]))
+        plural = "rank" if after["world"] == 1 else "ranks"
+        line = f"resuming at {after['world']} {plural} from a checkpoint of {before['world']}: accumulation"
+        accumulation = {1: 2, 2: 1}  # global batch 8, micro-batch 4
+        assert f"{line} {accumulation[before['world']]} -> {accumulation[after['world']]}" in after["stdout"], what
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ddp_checkpoint_resumes_at_another_world_size(tiny_data_dir: Path, tmp_path: Path) -> None:
+    runs = resume_chain(tiny_data_dir, tmp_path / "run", "ddp", [2, 1])
+    assert_resumed_runs(runs, "ddp")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_fsdp_sharded_checkpoint_reshards_weights_and_adam_state(tiny_data_dir: Path, tmp_path: Path) -> None:
+    runs = resume_chain(tiny_data_dir, tmp_path / "run", "fsdp", [2, 1, 2])
+    assert_resumed_runs(runs, "fsdp")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_zero2_resumes_at_another_world_size_through_the_universal_checkpoint(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    runs = resume_chain(tiny_data_dir, out, "deepspeed_stage_2", [2, 1])
+    assert_resumed_runs(runs, "deepspeed_stage_2")
+    assert "converted" in runs[1]["stdout"] and "universal checkpoint" in runs[1]["stdout"]
+    # The resumed run's own save replaced last.ckpt, and with it the conversion of the old one.
+    assert not (out / "checkpoints" / "last.ckpt.universal").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_zero3_resumes_at_another_world_size_and_back(tiny_data_dir: Path, tmp_path: Path) -> None:
+    runs = resume_chain(tiny_data_dir, tmp_path / "run", "deepspeed_stage_3", [2, 1, 2])
+    assert_resumed_runs(runs, "deepspeed_stage_3")
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+# --- refusals, before training: fabricated checkpoints of each format, no training needed --------------
+def _shapes(**overrides: int) -> dict[str, tuple[int, ...]]:
+    from cgpt.config import ModelConfig
+    from cgpt.model import GPT
+
+    config = ModelConfig.from_dict({**ModelConfig.from_name("cerebras-gpt-tiny").to_dict(), **overrides})
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+
+
+def fake_checkpoint(kind: str, folder: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
+    """A checkpoint of ``kind`` (``file``, ``fsdp``, ``deepspeed``) with ``shapes``' tensors as its
+    format stores them (zeros; only names and shapes are read)."""
+    state = {f"model.{k}": torch.zeros(s) for k, s in shapes.items() if k != "lm_head.weight"}
+    if kind == "file":
+        torch.save({"state_dict": state, "global_step": 2}, folder / "last.ckpt")
+        return folder / "last.ckpt"
+    path = folder / "last.ckpt"
+    path.mkdir()
+    if kind == "fsdp":
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save({"state_dict": state}, checkpoint_id=str(path), no_dist=True)
+        torch.save({"global_step": 2}, path / "meta.pt")
+        return path
+    (path / "latest").write_text("checkpoint")
+    (path / "checkpoint").mkdir()
+    param_shapes = [{k: v.shape for k, v in state.items()}]
+    torch.save({"param_shapes": param_shapes, "global_step": 2}, path / "checkpoint" / "mp_rank_00_model_states.pt")
+    for rank in range(2):
+        (path / "checkpoint" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    return path
+
+
+@pytest.mark.parametrize("kind, strategy", [("file", "ddp"), ("fsdp", "fsdp"), ("deepspeed", "deepspeed")])
+def test_a_checkpoint_of_another_model_shape_is_refused_naming_the_tensor(
+    kind: str, strategy: str, tmp_path: Path
+) -> None:
+    from cgpt.weights import checkpoint_world_size
+
+    ckpt = fake_checkpoint(kind, tmp_path, _shapes())
+    check_resume(ckpt, strategy, _shapes())  # the same model: accepted
+    assert checkpoint_world_size(ckpt) == {"file": None, "fsdp": 1, "deepspeed": 2}[kind]
+    with pytest.raises(ResumeError) as err:
+        check_resume(ckpt, strategy, _shapes(d_model=128, n_head=2, d_ffn=512))
+    message = str(err.value)
+    assert "transformer.wte.weight is [50257, 64] in the checkpoint but [50257, 128]" in message, message
+    assert "another model shape" in message and "init_from" in message, message
+
+
+@pytest.mark.parametrize(
+    "kind, strategy, advice",
+    [
+        ("deepspeed", "fsdp", ["train/consolidate.py", "strategy=deepspeed_stage_1|2|3", "Adam moments restart"]),
+        ("deepspeed", "ddp", ["train/consolidate.py", "strategy=deepspeed_stage_1|2|3"]),
+        ("fsdp", "deepspeed", ["train/consolidate.py", "strategy=fsdp"]),
+        ("fsdp", "auto", ["train/consolidate.py", "strategy=fsdp"]),
+        ("file", "deepspeed", ["strategy=ddp or strategy=fsdp", "init_from="]),
+    ],
+)
+def test_a_checkpoint_of_another_strategy_family_is_refused_saying_how_to_convert(
+    kind: str, strategy: str, advice: list[str], tmp_path: Path
+) -> None:
+    ckpt = fake_checkpoint(kind, tmp_path, _shapes())
+    with pytest.raises(ResumeError) as err:
+        check_resume(ckpt, strategy, _shapes())
+    for words in advice:
+        assert words in str(err.value), (words, str(err.value))
+
+
+@pytest.mark.slow  # one process that stops before training: a few seconds
+def test_the_refusal_comes_before_training_from_the_command_line(tiny_data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    fake_checkpoint("deepspeed", out / "checkpoints", _shapes())
+    args = [*pretrain_args(tiny_data_dir, out, "fsdp", 1), "fused_loss=false"]  # no LM-head timing
+    with pytest.raises(AssertionError) as err:  # run_script: a non-zero exit, with the run's output
+        run_script(args, timeout=300)
+    assert "is a DeepSpeed checkpoint folder, which strategy=fsdp cannot read" in str(err.value)
+    assert "training cerebras-gpt" not in str(err.value)  # refused before the fit started
+    assert not list(out.rglob("metrics.csv")) and sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "last.ckpt"
+    ]
