@@ -205,30 +205,30 @@ class PackedStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch, first, before = self.locate(self.start_batch)
-        spare: torch.Tensor | None = None  # a readable validation batch, to stand in for bad ones
+        spare: tuple[torch.Tensor, torch.Tensor] | None = None  # a readable validation batch (rows, keys)
         owed: list[int] = []  # validation batches still to serve once a readable one turns up
         bad_ids: list[int] = []
         while True:
             reads = [0, 0]  # shards read this epoch, of which unreadable
-            for j, rows, bad in self._epoch_batches(epoch, first, before, worker, workers, reads):
+            for j, rows, bad, keys in self._epoch_batches(epoch, first, before, worker, workers, reads):
                 j += before if j >= 0 else 0
                 bad_ids.extend(bad)
                 if j < 0:
                     continue
                 if rows is None:  # training: a placeholder (keeps the workers' round-robin intact);
                     if self.infinite:  # validation: a readable stand-in (keeps the step count)
-                        yield self._item(None, j, bad_ids)
+                        yield self._item(None, None, j, bad_ids)
                     elif spare is None:
                         owed.append(j)
                         continue
                     else:
-                        yield self._item(spare, j, bad_ids)
+                        yield self._item(*spare, j, bad_ids)
                     bad_ids = []
                     continue
                 for k in [*owed, j]:
-                    yield self._item(rows, k, bad_ids)
+                    yield self._item(rows, keys, k, bad_ids)
                     bad_ids = []
-                spare, owed = rows, []
+                spare, owed = (rows, keys), []
             if reads[0] and reads[0] == reads[1]:
                 raise DataReadError(
                     f"rank {self.rank} worker {worker}: none of the {reads[0]} shards it needed in epoch {epoch} "
@@ -238,20 +238,22 @@ class PackedStream(IterableDataset):
                 return
             epoch, first, before = epoch + 1, 0, before + self.batches_in_epoch(epoch)
 
-    def _item(self, rows: torch.Tensor | None, j: int, bad_ids: list[int]) -> dict[str, Any]:
+    def _item(self, rows: torch.Tensor | None, keys: torch.Tensor | None, j: int, bad_ids: list[int]) -> dict[str, Any]:
         # Plain ints travel from worker processes almost for free; each tensor costs a shared-memory
-        # segment, so only the tokens are one.
-        return {"tokens": rows, "batch_index": j, "bad_shards": list(bad_ids)}
+        # segment, so only the tokens and the sample keys are one. A sample's key is
+        # shard index * 2**32 + its index within the shard: stable across world sizes and resumes.
+        return {"tokens": rows, "sample_keys": keys, "batch_index": j, "bad_shards": list(bad_ids)}
 
     def _epoch_batches(
         self, epoch: int, first: int, before: int, worker: int, workers: int, reads: list[int]
-    ) -> Iterator[tuple[int, torch.Tensor | None, list[int]]]:
+    ) -> Iterator[tuple[int, torch.Tensor | None, list[int], torch.Tensor | None]]:
         """Yield (batch index in the epoch or -1, rows or None if a sample was unreadable, newly bad
-        shards) for the batches of ``worker``: the (start_batch + worker + i * workers)-th ones."""
+        shards, sample keys) for the batches of ``worker``: the (start_batch + worker + i * workers)-th ones."""
         skew = before - self.start_batch - worker
         B, n_batches = self.batch, self.batches_in_epoch(epoch)
         pos = 0  # position in this rank's sample sequence
         parts: dict[int, list[np.ndarray | None]] = {}  # pieces of batches that span shards
+        keys: dict[int, list[np.ndarray]] = {}
         filled: dict[int, int] = {}
         for unit, count, split in self._units(epoch):
             lo, hi = pos, pos + count
@@ -268,15 +270,23 @@ class PackedStream(IterableDataset):
             for j in wanted:
                 a, b = max(j * B, lo), min((j + 1) * B, hi)
                 parts.setdefault(j, []).append(take(idx[a - lo : b - lo]))
+                keys.setdefault(j, []).append(self._sample_keys(unit, idx[a - lo : b - lo]))
                 filled[j] = filled.get(j, 0) + b - a
                 if filled[j] == B:
                     pieces = parts.pop(j)
                     del filled[j]
                     ok = all(p is not None for p in pieces)
-                    yield j, (torch.from_numpy(np.concatenate(pieces).astype(np.int64)) if ok else None), bad
+                    rows = torch.from_numpy(np.concatenate(pieces).astype(np.int64)) if ok else None
+                    yield j, rows, bad, torch.from_numpy(np.concatenate(keys.pop(j)))
                     bad = []
             if bad:
-                yield -1, None, bad  # bad shards none of whose batches completed here
+                yield -1, None, bad, None  # bad shards none of whose batches completed here
+
+    def _sample_keys(self, unit: tuple[int, ...], rows: np.ndarray) -> np.ndarray:
+        """The keys (shard index * 2**32 + index within the shard) of positions ``rows`` of the unit."""
+        offsets = np.cumsum([0] + [self.shards[s].samples for s in unit])
+        which = np.searchsorted(offsets, rows, side="right") - 1
+        return np.asarray(unit, dtype=np.int64)[which] * 2**32 + (rows - offsets[which]).astype(np.int64)
 
     def _read_unit(self, unit: tuple[int, ...]) -> tuple[Callable[[np.ndarray], np.ndarray | None], list[int]]:
         """Read a unit's shards; return ``take(rows)`` (the samples at those positions of the
