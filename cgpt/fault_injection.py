@@ -14,7 +14,8 @@ Kinds (on rank ``rank`` only, during optimizer step ``step``, counted from 1 as 
   Without ``keys``, the first sample rank ``rank`` computes in step ``step`` is the one poisoned
   (its key is written to ``record_dir/poisoned.json``);
 - ``kill``: the rank SIGKILLs itself when the guard reaches its fault point ``point`` (``replay``
-  or ``quarantine``, in a rollback); ``rank: -1`` means every rank.
+  or ``quarantine``, in a rollback); ``rank: -1`` means every rank. Once: with ``record_dir`` set,
+  a ``killed`` file there stops it from killing again, so the same command can be re-run.
 
 With ``record_dir`` set, every rank writes ``weights-rank<R>-step<S>.pt`` (its local parameter shards
 after steps ``step - 1``, ``step`` and ``step + 1``) and, at the end, ``decisions-rank<R>.json`` (the
@@ -53,7 +54,7 @@ class FaultInjector(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.kind == "poison":
             self._poison(trainer, pl_module)
-        if self.kind == "kill":
+        if self.kind == "kill" and not (self.record_dir is not None and (self.record_dir / "killed").exists()):
             guard = next(c for c in trainer.callbacks if hasattr(c, "fault_points"))
             guard.fault_points.append(lambda name: self._kill(trainer, name))
         original = pl_module.training_step
@@ -117,6 +118,9 @@ class FaultInjector(L.Callback):
 
     def _kill(self, trainer: L.Trainer, name: str) -> None:
         if name == self.point and self.rank in (-1, trainer.global_rank):
+            if self.record_dir is not None and trainer.global_rank == 0:
+                self.record_dir.mkdir(parents=True, exist_ok=True)
+                (self.record_dir / "killed").touch()
             print(f"fault injection: rank {trainer.global_rank} killed at the guard's {name!r} point", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 

@@ -274,12 +274,12 @@ class StepGuard(L.Callback):
             self.stop_reason = f"{self.skipped} bad steps in this run (guard.max_skips={cap}); {_ADVICE}"
         elif action == "stop":
             self.stop_reason = f"guard.action=stop: {reason}"
-        self._event(verdict, has_norm, action=action)
+        self._event(verdict, has_norm, step, action=action)
         _print(self._trainer, f"guard: step {step}: {reason} -> {'update skipped' if action == 'skip' else 'stop'}")
         return True
 
-    def _event(self, verdict: _Verdict, has_norm: bool, **extra: Any) -> dict[str, Any]:
-        event = {"step": self._step(), "kind": verdict.kind, "loss": _finite_or_str(verdict.loss),
+    def _event(self, verdict: _Verdict, has_norm: bool, step: int, **extra: Any) -> dict[str, Any]:
+        event = {"step": step, "kind": verdict.kind, "loss": _finite_or_str(verdict.loss),
                  "grad_norm": _finite_or_str(verdict.norm) if has_norm else None,
                  "ranks": verdict.ranks, "detail": verdict.reason, **extra}  # fmt: skip
         self.events.append(event)
@@ -296,7 +296,7 @@ class StepGuard(L.Callback):
                 f"{self.rollbacks} rollbacks in this run (guard.max_rollbacks={self.config.max_rollbacks}) and step "
                 f"{step} is bad again ({verdict.reason}); {_ADVICE}"
             )
-            self._event(verdict, has_norm, action="stop")
+            self._event(verdict, has_norm, step, action="stop")
             _print(self._trainer, f"guard: step {step}: {verdict.reason} -> stop (rollback cap)")
             return True
         self.rollbacks += 1
@@ -304,7 +304,7 @@ class StepGuard(L.Callback):
         replay = self._agree(*module.recompute_step())
         if replay.reason is None:
             self.replays["transient"] += 1
-            self._event(verdict, has_norm, action="rollback", replay="transient", quarantined=[])
+            self._event(verdict, has_norm, step, action="rollback", replay="transient", quarantined=[])
             _print(self._trainer, f"guard: step {step}: {verdict.reason} -> rolled back and replayed: not "
                                   "reproduced (transient fault), the replayed step is applied")  # fmt: skip
             self._good(replay, has_norm)
@@ -316,7 +316,7 @@ class StepGuard(L.Callback):
         self._fault_point("quarantine")
         again = self._agree(*module.recompute_step())
         applied = again.reason is None
-        event = self._event(verdict, has_norm, action="rollback", replay="data", quarantined=keys,
+        event = self._event(verdict, has_norm, step, action="rollback", replay="data", quarantined=keys,
                             applied=applied)  # fmt: skip
         where = f"quarantined {len(keys)} sample(s) {_shorten(keys)}"
         if applied:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, run_script
+from conftest import REPO_ROOT, run_script, weights
 
 from cgpt.config import ConfigError
 from cgpt.guard import EXIT_GUARD_STOPPED, GuardConfig, StepGuard
@@ -92,9 +92,78 @@ def test_the_guard_stands_aside_under_fp16_loss_scaling() -> None:
     assert module.step_gate == guard.decide and guard.summary()["inactive"] is None
 
 
+class FakeModule:
+    """What the guard's rollback calls on the module: each recompute returns the next scripted loss;
+    a sample whose key is in ``poisoned`` has a NaN loss unless it is excluded."""
+
+    def __init__(self, losses: list[float], keys: list[int], poisoned: set[int]) -> None:
+        self.losses, self.keys, self.poisoned = list(losses), keys, poisoned
+        self.excluded: list[int] = []
+        self.recomputes = 0
+
+    def recompute_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.recomputes += 1
+        return torch.tensor(self.losses.pop(0)), torch.tensor(1.0)
+
+    def sample_losses(self) -> list[tuple[int, float]]:
+        return [(k, math.nan if k in self.poisoned and k not in self.excluded else 2.0) for k in self.keys]
+
+    def step_keys(self) -> list[int]:
+        return list(self.keys)
+
+    def set_excluded_keys(self, keys: list[int]) -> None:
+        self.excluded = list(keys)
+
+
+def rollback_guard(module: FakeModule, **config: object) -> StepGuard:
+    guard = StepGuard(GuardConfig(action="rollback", min_history=2, window=4, **config), "unused")
+    guard._module = module
+    return guard
+
+
+def test_rollback_replays_and_quarantines_only_a_fault_that_reproduces() -> None:
+    transient = FakeModule([2.0], [10, 11], poisoned=set())
+    guard = rollback_guard(transient)
+    assert not feed(guard, math.nan)  # replay is finite: the replayed step is applied
+    assert transient.recomputes == 1 and guard.quarantine == set() and guard.replays == {"data": 0, "transient": 1}
+    assert guard.events[0]["replay"] == "transient" and guard.summary()["skipped_steps"] == []
+    data = FakeModule([math.nan, 2.0], [10, 11, 12], poisoned={11})
+    guard = rollback_guard(data, rewarm_steps=3)
+    assert not feed(guard, math.nan)  # replay NaN again -> quarantine 11 -> recomputed without it
+    assert data.recomputes == 2 and data.excluded == [11] and guard.summary()["quarantined_keys"] == [11]
+    assert guard.events[0]["quarantined"] == [11] and guard.replays == {"data": 1, "transient": 0}
+    assert guard.rollbacks == 1 and guard.rewarm_left == 2  # the recomputed step was the first of the 3
+    still = FakeModule([math.nan, math.nan], [10, 11], poisoned=set())  # nothing singled out: the whole step
+    guard = rollback_guard(still)
+    assert feed(guard, math.nan) and guard.quarantine == {10, 11} and guard.summary()["skipped_steps"] == [1]
+
+
+def test_rollback_cap_stops_and_quarantine_round_trips_through_a_checkpoint() -> None:
+    guard = rollback_guard(FakeModule([2.0] * 4, [1], set()), max_rollbacks=2)
+    assert not feed(guard, math.nan) and not feed(guard, math.nan)
+    assert feed(guard, math.nan) and "guard.max_rollbacks=2" in guard.stop_reason
+    saved = rollback_guard(FakeModule([math.nan, 2.0], [5, 6], {5}))
+    feed(saved, math.nan)
+    state = saved.state_dict()
+    assert state["quarantine"] == [5]
+    resumed = StepGuard(GuardConfig(action="rollback", exclude_keys=[7]), "unused")
+    resumed.load_state_dict(state)
+    assert resumed.quarantine == {5, 7} and resumed.rollbacks == 1
+    taken_back = StepGuard(GuardConfig(include_keys=[5]), "unused")
+    taken_back.load_state_dict(state)
+    assert taken_back.quarantine == set()
+    every = StepGuard(GuardConfig(include_keys="all", exclude_keys=[3]), "unused")
+    every.load_state_dict(state)
+    assert every.quarantine == {3}
+
+
 def test_guard_config_errors_are_clear() -> None:
     with pytest.raises(ConfigError, match="guard.action"):
         GuardConfig(action="rollbak")
+    with pytest.raises(ConfigError, match="include_keys"):
+        GuardConfig(include_keys="some")
+    with pytest.raises(ConfigError, match="max_rollbacks"):
+        GuardConfig(max_rollbacks=0)
     with pytest.raises(ConfigError, match="min_history"):
         GuardConfig(window=10, min_history=20)
     with pytest.raises(ConfigError, match="unknown guard keys"):
@@ -268,3 +337,108 @@ def test_a_multiplied_loss_is_caught_by_the_default_spike_rule(tiny_data_dir: Pa
     guard = json.loads((out / "summary.json").read_text())["guard"]
     assert [(e["step"], e["kind"]) for e in guard["events"]] == [(spike, "loss_spike")], guard["events"]
     assert guard["max_loss_z_of_a_good_step"] < 8.0
+
+
+# --- rollback: replay, quarantine, resume ----------------------------------------------------------
+ROLLBACK = "guard.action=rollback"
+
+
+def quarantine_in_checkpoint(path: Path) -> list[int]:
+    """The guard's quarantine saved in a checkpoint (a file, or a sharded folder's meta.pt)."""
+    state = torch.load(path / "meta.pt" if path.is_dir() else path, weights_only=False, map_location="cpu")
+    return state["callbacks"]["StepGuard"]["quarantine"]
+
+
+def max_difference(a: Path, b: Path) -> float:
+    wa, wb = weights(a), weights(b)
+    assert sorted(wa) == sorted(wb)
+    return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+
+
+def poisoned_run(data_dir: Path, out: Path, record: Path, strategy: str, *extra: str) -> tuple[str, int]:
+    """A rollback run whose first sample of rank 1 in step BAD is poisoned (NaN loss every time it
+    counts); returns its stdout and the poisoned key."""
+    proc = run_script(args(data_dir, out, strategy, ROLLBACK, fault("poison", record), *extra), timeout=300)
+    return proc.stdout, json.loads((record / "poisoned.json").read_text())[0]
+
+
+@pytest.fixture(scope="module")
+def ddp_rollback(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int, str]:
+    """A DDP rollback run with a poisoned sample, and its oracle: the same run with that key excluded
+    from the start (guard.exclude_keys) and no fault. Returns (run, oracle, key, run's stdout)."""
+    tmp = tmp_path_factory.mktemp("ddp_rollback")
+    stdout, key = poisoned_run(tiny_data_dir, tmp / "run", tmp / "record", "ddp")
+    run_script(args(tiny_data_dir, tmp / "oracle", "ddp", ROLLBACK, f"guard.exclude_keys=[{key}]"), timeout=300)
+    return tmp / "run", tmp / "oracle", key, stdout
+
+
+def check_quarantined(out: Path, key: int) -> None:
+    guard = json.loads((out / "summary.json").read_text())["guard"]
+    assert guard["quarantined_keys"] == [key] and guard["rollbacks"] == 1, guard
+    assert guard["replays"] == {"data": 1, "transient": 0} and guard["skipped_steps"] == []
+    (event,) = guard["events"]
+    assert (event["step"], event["replay"], event["quarantined"], event["applied"]) == (BAD, "data", [key], True)
+    assert quarantine_in_checkpoint(out / "checkpoints" / "last.ckpt") == [key]
+    assert logged(out)[STEPS - 1]["guard/quarantined_samples"] == "1.0"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_rollback_quarantines_a_bad_sample_like_an_oracle_run_ddp(ddp_rollback: tuple[Path, Path, int, str]) -> None:
+    """The poisoned sample's fault reproduces on replay, its key is quarantined (summary.json and the
+    checkpoint), and the final weights equal those of a run that never counted that sample."""
+    out, oracle, key, stdout = ddp_rollback
+    assert f"guard: step {BAD}: non-finite loss on rank 1" in stdout and "reproduced (data)" in stdout
+    check_quarantined(out, key)
+    assert max_difference(out / "checkpoints" / "last.ckpt", oracle / "checkpoints" / "last.ckpt") <= 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_rollback_quarantines_a_bad_sample_like_an_oracle_run_fsdp(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """The same under FSDP2 (sharded weights, optimizer state and gradients)."""
+    out, oracle = tmp_path / "run", tmp_path / "oracle"
+    _, key = poisoned_run(tiny_data_dir, out, tmp_path / "record", "fsdp")
+    run_script(args(tiny_data_dir, oracle, "fsdp", ROLLBACK, f"guard.exclude_keys=[{key}]"), timeout=300)
+    check_quarantined(out, key)
+    assert max_difference(out / "checkpoints" / "last.ckpt", oracle / "checkpoints" / "last.ckpt") <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_transient_fault_is_replayed_not_quarantined(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """NaN once on rank 1 (not on the replay): logged as transient, nothing quarantined, and the
+    weights equal those of the same run without the fault."""
+    out, clean = tmp_path / "run", tmp_path / "clean"
+    proc = run_script(args(tiny_data_dir, out, "ddp", ROLLBACK, fault("nan_loss")), timeout=300)
+    run_script(args(tiny_data_dir, clean, "ddp", ROLLBACK), timeout=300)
+    assert "not reproduced (transient fault)" in proc.stdout
+    guard = json.loads((out / "summary.json").read_text())["guard"]
+    assert guard["replays"] == {"data": 0, "transient": 1} and guard["quarantined_keys"] == []
+    assert [(e["step"], e["replay"]) for e in guard["events"]] == [(BAD, "transient")]
+    assert logged(out)[STEPS - 1]["guard/transient_faults"] == "1.0"
+    assert max_difference(out / "checkpoints" / "last.ckpt", clean / "checkpoints" / "last.ckpt") <= 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_kill_during_a_rollback_leaves_a_resumable_run(
+    tiny_data_dir: Path, tmp_path: Path, ddp_rollback: tuple[Path, Path, int, str]
+) -> None:
+    """Every rank is SIGKILLed in the middle of the rollback (after the quarantine is chosen, before the
+    step is recomputed). Re-running the same command resumes from the last checkpoint, rolls back
+    again and ends with the oracle's weights."""
+    _, oracle, key, _ = ddp_rollback
+    out, record = tmp_path / "run", tmp_path / "record"
+    kill = "+callbacks.kill={_target_: " + INJECT + f", kind: kill, point: quarantine, rank: -1, record_dir: {record}}}"
+    cmd = [a for a in args(tiny_data_dir, out, "ddp", ROLLBACK, fault("poison", record), kill) if a != "resume=null"]
+    proc = subprocess.run([sys.executable, *cmd], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == -9, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "killed at the guard's 'quarantine' point" in proc.stdout
+    assert not (out / "summary.json").exists()
+    resumed = run_script(cmd, timeout=300)
+    assert "resuming from" in resumed.stdout
+    assert json.loads((record / "poisoned.json").read_text()) == [key]
+    check_quarantined(out, key)
+    assert max_difference(out / "checkpoints" / "last.ckpt", oracle / "checkpoints" / "last.ckpt") <= 1e-6
