@@ -19,7 +19,7 @@ from conftest import REPO_ROOT, run_script, weights
 
 from cgpt.config import ConfigError
 from cgpt.guard import EXIT_GUARD_STOPPED, GuardConfig, StepGuard
-from cgpt.watchdog import EXIT_HUNG
+from cgpt.watchdog import EXIT_HUNG, HangWatchdog
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 STEPS, BAD = 6, 3
@@ -155,6 +155,21 @@ def test_rollback_cap_stops_and_quarantine_round_trips_through_a_checkpoint() ->
     every = StepGuard(GuardConfig(include_keys="all", exclude_keys=[3]), "unused")
     every.load_state_dict(state)
     assert every.quarantine == {3}
+
+
+def test_watchdog_limit_follows_the_median_step_time_above_its_floor(tmp_path: Path) -> None:
+    dog = HangWatchdog(str(tmp_path), timeout_s=3, median_multiple=10, warmup_steps=2)
+    for t in (0.0, 50.0, 51.0):  # the first step (from t=0) and the second are warm-up: not counted
+        dog._time_step(t)
+    assert dog.limit_s == 3 and not dog.step_times
+    for t in (51.2, 51.5, 51.7, 60.0):  # steps of 0.2, 0.3, 0.2 and one slow 8.3 s: median 0.25 s
+        dog._time_step(t)
+    assert dog.limit_s == 3  # 10 x the median 0.25 s is below the floor
+    for t in (61.0, 62.0, 63.0, 64.0):  # 1 s steps: median 1 s -> 10 s
+        dog._time_step(t)
+    assert dog.limit_s == pytest.approx(10.0) and "median_multiple=10 x the median" in dog._limit_text()
+    with pytest.raises(ConfigError, match="median_multiple"):
+        HangWatchdog(str(tmp_path), median_multiple=0.5)
 
 
 def test_guard_config_errors_are_clear() -> None:
@@ -442,3 +457,35 @@ def test_kill_during_a_rollback_leaves_a_resumable_run(
     assert json.loads((record / "poisoned.json").read_text()) == [key]
     check_quarantined(out, key)
     assert max_difference(out / "checkpoints" / "last.ckpt", oracle / "checkpoints" / "last.ckpt") <= 1e-6
+
+
+# --- watchdog: the median-multiple limit and stragglers -------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_watchdog_median_multiple_limit_fires_on_a_sleeping_rank(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """Rank 1 sleeps in step 4: the limit in force is 30x the median step time (above the 2 s floor),
+    and past it both ranks dump and the run exits with EXIT_HUNG."""
+    out = tmp_path / "run"
+    dog = ["watchdog.timeout_s=2", "watchdog.median_multiple=30", "watchdog.warmup_steps=1", "watchdog.grace_s=20"]
+    cmd = [*args(tiny_data_dir, out, "ddp", *dog, accumulation=1), fault("sleep", seconds=120, step=4)]
+    proc = subprocess.run([sys.executable, *cmd], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == EXIT_HUNG, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "watchdog.median_multiple=30 x the median step time" in proc.stderr
+    header = json.loads((out / "hang" / "rank1.txt").read_text().splitlines()[0])
+    assert header["limit_s"] > 2 and header["idle_s"] >= header["limit_s"] and header["completed_steps"] == 3
+    assert "in _sleep" in (out / "hang" / "rank1.txt").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_slow_rank_is_reported_as_a_straggler_and_training_finishes(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """Rank 1 sleeps 0.4 s in every step from step 2 on: reported every 2 steps, the run finishes."""
+    out = tmp_path / "run"
+    slow = fault("slow", seconds=0.4, step=2)
+    proc = run_script(args(tiny_data_dir, out, "ddp", "watchdog.straggler_every=2", slow, accumulation=1))
+    lines = [line for line in proc.stdout.splitlines() if "straggler(s)" in line]
+    assert [line.split(":")[1].strip() for line in lines] == ["step 2", "step 4", "step 6"], lines
+    assert all("rank 1 " in line and "rank 0 " not in line for line in lines)
+    assert json.loads((out / "summary.json").read_text())["steps"] == STEPS
+    assert float(logged(out)[STEPS - 1]["watchdog/straggler_ratio"]) > 2
