@@ -20,7 +20,7 @@ of the last ``window`` steps): ``timeout_s`` is then the floor.
 Stragglers: every ``straggler_every`` optimizer steps the ranks all-gather the time each spent in
 its own forward passes since the last check (DDP's forward has no collective, so a slow rank's
 time is its own; the backward and the step are where the others wait for it). A rank above
-``straggler_ratio`` x the median of the ranks is reported (a progress line and the logged
+``straggler_ratio`` x the median of the other ranks is reported (a progress line and the logged
 ``watchdog/straggler_ratio``, the largest ratio) and training goes on.
 """
 
@@ -61,7 +61,7 @@ class HangWatchdog(L.Callback):
             once ``warmup_steps`` steps are timed (None: ``timeout_s`` alone).
         warmup_steps: optimizer steps timed before the median counts (the first ones compile, warm caches).
         window: the last step times the median is taken over.
-        straggler_ratio: a rank whose forward time is above this multiple of the ranks' median is
+        straggler_ratio: a rank whose forward time is above this multiple of the other ranks' median is
             reported as a straggler (None: no check).
         straggler_every: optimizer steps between straggler checks (each one small all-gather).
     """
@@ -150,8 +150,7 @@ class HangWatchdog(L.Callback):
         mine = torch.tensor([self._forward_s], dtype=torch.float64, device=pl_module.device)
         self._forward_s = 0.0
         times = trainer.strategy.all_gather(mine).reshape(-1).tolist() if self._world > 1 else [mine.item()]
-        median = statistics.median(times)
-        ratios = [t / median if median > 0 else 1.0 for t in times]
+        ratios = straggler_ratios(times)
         pl_module.log("watchdog/straggler_ratio", torch.tensor(max(ratios), dtype=torch.float64))
         slow = [r for r, ratio in enumerate(ratios) if ratio > self.straggler_ratio]
         if not slow:
@@ -162,8 +161,8 @@ class HangWatchdog(L.Callback):
         if self._rank == 0:
             ranks = ", ".join(f"rank {r} {times[r]:.2f}s ({ratios[r]:.1f}x)" for r in slow)
             print(f"watchdog: step {step}: straggler(s): forward time over the last {self.straggler_every} steps "
-                  f"{ranks} vs the median {median:.2f}s of the ranks (watchdog.straggler_ratio="
-                  f"{self.straggler_ratio}); training goes on", flush=True)  # fmt: skip
+                  f"{ranks} the median of the other ranks (watchdog.straggler_ratio={self.straggler_ratio}); "
+                  "training goes on", flush=True)  # fmt: skip
 
     def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         self._beat = time.monotonic()
@@ -236,6 +235,17 @@ class HangWatchdog(L.Callback):
     def _fresh(self, path: Path) -> bool:
         """Written by this run (not left by an earlier hang in the same folder)."""
         return path.exists() and path.stat().st_mtime >= self._started
+
+
+def straggler_ratios(times: list[float]) -> list[float]:
+    """Each rank's time over the median of the *other* ranks' (with two ranks, the median of both
+    would cap the ratio below 2). One rank: 1."""
+    ratios = []
+    for r, t in enumerate(times):
+        others = times[:r] + times[r + 1 :]
+        median = statistics.median(others) if others else t
+        ratios.append(t / median if median > 0 else 1.0)
+    return ratios
 
 
 def read_dump(path: Path) -> tuple[dict[str, Any], str | None]:

@@ -19,7 +19,7 @@ from conftest import REPO_ROOT, run_script, weights
 
 from cgpt.config import ConfigError
 from cgpt.guard import EXIT_GUARD_STOPPED, GuardConfig, StepGuard
-from cgpt.watchdog import EXIT_HUNG, HangWatchdog
+from cgpt.watchdog import EXIT_HUNG, HangWatchdog, straggler_ratios
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 STEPS, BAD = 6, 3
@@ -170,6 +170,12 @@ def test_watchdog_limit_follows_the_median_step_time_above_its_floor(tmp_path: P
     assert dog.limit_s == pytest.approx(10.0) and "median_multiple=10 x the median" in dog._limit_text()
     with pytest.raises(ConfigError, match="median_multiple"):
         HangWatchdog(str(tmp_path), median_multiple=0.5)
+
+
+def test_straggler_ratio_compares_a_rank_with_the_others() -> None:
+    assert straggler_ratios([1.0, 3.0]) == [pytest.approx(1 / 3), 3.0]  # two ranks: the other one
+    assert straggler_ratios([1.0, 1.0, 1.2, 5.0])[3] == pytest.approx(5.0)
+    assert straggler_ratios([2.0]) == [1.0]
 
 
 def test_guard_config_errors_are_clear() -> None:
@@ -480,9 +486,9 @@ def test_watchdog_median_multiple_limit_fires_on_a_sleeping_rank(tiny_data_dir: 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_slow_rank_is_reported_as_a_straggler_and_training_finishes(tiny_data_dir: Path, tmp_path: Path) -> None:
-    """Rank 1 sleeps 0.4 s in every step from step 2 on: reported every 2 steps, the run finishes."""
+    """Rank 1 sleeps 2 s in every step from step 2 on: reported every 2 steps, the run finishes."""
     out = tmp_path / "run"
-    slow = fault("slow", seconds=0.4, step=2)
+    slow = fault("slow", seconds=2, step=2)
     proc = run_script(args(tiny_data_dir, out, "ddp", "watchdog.straggler_every=2", slow, accumulation=1))
     lines = [line for line in proc.stdout.splitlines() if "straggler(s)" in line]
     assert [line.split(":")[1].strip() for line in lines] == ["step 2", "step 4", "step 6"], lines
