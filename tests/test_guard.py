@@ -138,6 +138,20 @@ def test_rollback_replays_and_quarantines_only_a_fault_that_reproduces() -> None
     assert feed(guard, math.nan) and guard.quarantine == {10, 11} and guard.summary()["skipped_steps"] == [1]
 
 
+def test_rewarm_scales_the_lr_of_the_updates_after_a_data_rollback() -> None:
+    from types import SimpleNamespace
+
+    guard = rollback_guard(FakeModule([math.nan, 2.0], [4], {4}), rewarm_steps=2)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3)
+    guard._trainer = SimpleNamespace(optimizers=[optimizer], global_step=0, is_global_zero=True)
+    seen = []
+    for loss in (math.nan, 2.0, 2.0):  # the rolled-back step, then two good ones
+        optimizer.param_groups[0]["lr"] = 0.3  # what the schedule sets before each step
+        feed(guard, loss)
+        seen.append(optimizer.param_groups[0]["lr"])
+    assert seen == [pytest.approx(0.1), pytest.approx(0.2), 0.3]
+
+
 def test_rollback_cap_stops_and_quarantine_round_trips_through_a_checkpoint() -> None:
     guard = rollback_guard(FakeModule([2.0] * 4, [1], set()), max_rollbacks=2)
     assert not feed(guard, math.nan) and not feed(guard, math.nan)
