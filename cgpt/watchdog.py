@@ -159,10 +159,10 @@ class HangWatchdog(L.Callback):
         for r in slow:
             self.stragglers.append({"step": step, "rank": r, "ratio": round(ratios[r], 2), "forward_s": times[r]})
         if self._rank == 0:
-            ranks = ", ".join(f"rank {r} {times[r]:.2f}s ({ratios[r]:.1f}x)" for r in slow)
-            print(f"watchdog: step {step}: straggler(s): forward time over the last {self.straggler_every} steps "
-                  f"{ranks} the median of the other ranks (watchdog.straggler_ratio={self.straggler_ratio}); "
-                  "training goes on", flush=True)  # fmt: skip
+            ranks = ", ".join(f"rank {r} {times[r]:.2f}s ({ratios[r]:.1f}x the median of the others)" for r in slow)
+            print(f"watchdog: step {step}: straggler(s): forward time over the last {self.straggler_every} steps: "
+                  f"{ranks} (watchdog.straggler_ratio={self.straggler_ratio}); training goes on",
+                  flush=True)  # fmt: skip
 
     def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         self._beat = time.monotonic()
