@@ -18,6 +18,11 @@ Needs only torch and lightning. Examples::
     python bench/train_throughput.py --device cuda --model cerebras-gpt-1.3b --seq-len 2048 --micro-batch 8
 
 ``--device cuda`` without a GPU prints a ``skipped`` result and exits 0.
+
+``--guard compare`` times the cgpt loop with and without the step guard (``--guard-action rollback``:
+the rollback mode, which also keeps each step's micro-batch references); ``--snapshot-cost`` also
+times a CPU copy of the weights and AdamW state, what an in-process snapshot for a rollback would
+cost per snapshot (docs/design/step-guard.md).
 """
 
 from __future__ import annotations
@@ -252,7 +257,7 @@ def run_cgpt(
     (with ``guard``, plus the step guard of conf/guard/default.yaml)."""
     timer = StepTimer(args.warmup, args.steps)
     with tempfile.TemporaryDirectory(prefix="cgpt-bench-") as tmp:
-        guards = [StepGuard(GuardConfig(), tmp)] if guard else []
+        guards = [StepGuard(GuardConfig(action=args.guard_action), tmp)] if guard else []
         logger = L.pytorch.loggers.CSVLogger(tmp, name="csv") if args.logger == "csv" else False
         trainer = L.Trainer(
             accelerator=device.type,
@@ -440,7 +445,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result[name]["first_step_s"], result[name]["first_step_cpu_s"] = loops[name][1].first_step_seconds
     logged = getattr(module, "throughput_logged", None)
     result["cgpt"]["mfu_logged_by_callback"] = float(logged) if logged is not None else None
+    if args.snapshot_cost:
+        result["snapshot"] = snapshot_cost(module.model, args.repeats)
     return result
+
+
+def snapshot_cost(model: torch.nn.Module, repeats: int) -> dict[str, float]:
+    """Wall and CPU time of copying the weights and a full AdamW state (two moments) to fresh CPU
+    tensors: the price of one in-process snapshot. Median over ``repeats``."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-9)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # creates the moments
+    optimizer.zero_grad(set_to_none=True)
+    tensors = [p.detach() for p in model.parameters()]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    walls, cpus = [], []
+    for _ in range(max(repeats, 1)):
+        t0, c0 = time.perf_counter(), time.process_time()
+        copies = [t.to("cpu", copy=True) for t in tensors]
+        if tensors[0].is_cuda:
+            torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+        del copies
+    return {"bytes": float(sum(t.numel() * t.element_size() for t in tensors)),
+            "wall_ms": 1e3 * statistics.median(walls), "cpu_ms": 1e3 * statistics.median(cpus)}  # fmt: skip
 
 
 def device_name(device: torch.device) -> str:
@@ -474,6 +504,10 @@ def report(result: dict[str, Any]) -> str:
             f"{result.get('compile_speedup_cpu_time', float('nan')):.3f}); first step compiled "
             f"{result['plain']['first_step_s']:.1f} s, eager {result['eager']['first_step_s']:.1f} s"
         )
+    if "snapshot" in result:
+        snap = result["snapshot"]
+        lines.append(f"  snapshot of weights + AdamW state to CPU: {snap['bytes'] / 2**20:,.0f} MiB in "
+                     f"{snap['wall_ms']:.1f} ms wall, {snap['cpu_ms']:.1f} ms CPU")  # fmt: skip
     if "guard_cost" in result:
         reps = ", ".join(f"{r:.3f}" for r in result["guard_cost_reps"])
         lines.append(f"  step time with / without the guard: {result['guard_cost']:.3f} (median of {reps}); "
@@ -521,6 +555,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10, help="Lightning log_every_n_steps")
     p.add_argument("--guard", choices=("off", "on", "compare"), default="off",
                    help="the step guard in the cgpt loop: off, on, or compare (both loops, interleaved)")  # fmt: skip
+    p.add_argument(
+        "--guard-action",
+        choices=("skip", "rollback"),
+        default="skip",
+        help="the guard's action in the guarded loop (rollback also keeps each step's micro-batches)",
+    )
+    p.add_argument("--snapshot-cost", action="store_true",
+                   help="also time a CPU copy of weights + AdamW state (one in-process rollback snapshot)")  # fmt: skip
     p.add_argument("--logger", choices=("csv", "none"), default="csv", help="cgpt path logger")
     p.add_argument("--peak-flops", type=float, default=None, help="override the device peak FLOP/s")
     p.add_argument("--seed", type=int, default=1234)

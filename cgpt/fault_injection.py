@@ -7,11 +7,19 @@ Kinds (on rank ``rank`` only, during optimizer step ``step``, counted from 1 as 
 
 - ``nan_loss``: the loss of each micro-batch of that step is multiplied by NaN (loss and gradients NaN);
 - ``scale_loss``: the loss is multiplied by ``factor`` (a spike, with gradients ``factor`` times larger);
-- ``sleep``: the training step sleeps ``seconds`` (a hung or straggling rank);
+- ``sleep``: the training step sleeps ``seconds`` (a hung rank);
+- ``slow``: every training step from that step on sleeps ``seconds`` (a straggler that progresses);
 - ``pause``: the training step prints ``fault injection: paused at step S`` and waits until the file
   ``release`` exists (at most ``seconds``), so a test can act at a known step (send a signal, take a
   SLURM node down) and then let the run go on. A run that reaches the step again after ``release``
   was created (a resumed one) does not wait.
+- ``poison``: the loss of every micro-batch holding one of the sample keys ``keys`` (and not
+  quarantined) is NaN, every time it is computed, on every rank and every step (a bad sample).
+  Without ``keys``, the first sample rank ``rank`` computes in step ``step`` is the one poisoned
+  (its key is written to ``record_dir/poisoned.json``);
+- ``kill``: the rank SIGKILLs itself when the guard reaches its fault point ``point`` (``replay``
+  or ``quarantine``, in a rollback); ``rank: -1`` means every rank. Once: with ``record_dir`` set,
+  a ``killed`` file there stops it from killing again, so the same command can be re-run.
 
 With ``record_dir`` set, every rank writes ``weights-rank<R>-step<S>.pt`` (its local parameter shards
 after steps ``step - 1``, ``step`` and ``step + 1``) and, at the end, ``decisions-rank<R>.json`` (the
@@ -22,6 +30,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -29,29 +39,44 @@ from typing import Any
 import lightning as L
 import torch
 
-KINDS = ("nan_loss", "scale_loss", "sleep", "pause")
+KINDS = ("nan_loss", "scale_loss", "sleep", "slow", "pause", "poison", "kill")
 
 
 class FaultInjector(L.Callback):
     """See the module docstring."""
 
-    def __init__(self, kind: str, step: int, rank: int = 1, factor: float = 100.0, seconds: float = 60.0,
-                 record_dir: str | None = None, release: str | None = None) -> None:  # fmt: skip
+    def __init__(self, kind: str, step: int = 1, rank: int = 1, factor: float = 100.0, seconds: float = 60.0,
+                 record_dir: str | None = None, release: str | None = None, keys: list[int] | None = None,
+                 point: str = "quarantine") -> None:  # fmt: skip
         if kind not in KINDS:
             raise ValueError(f"FaultInjector(kind={kind!r}): use one of {KINDS}")
         if kind == "pause" and not release:
             raise ValueError("FaultInjector(kind='pause') needs release=<file the test creates to resume>")
         self.release = Path(release) if release else None
         self.kind, self.step, self.rank = kind, int(step), int(rank)
+        self.keys, self.point = [int(k) for k in keys or []], point
         self.factor, self.seconds = float(factor), float(seconds)
         self.record_dir = Path(record_dir) if record_dir else None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.kind == "poison":
+            self._poison(trainer, pl_module)
+        if self.kind == "kill" and not (self.record_dir is not None and (self.record_dir / "killed").exists()):
+            guard = next(c for c in trainer.callbacks if hasattr(c, "fault_points"))
+            guard.fault_points.append(lambda name: self._kill(trainer, name))
         original = pl_module.training_step
         injector = self
 
         def training_step(batch: Any, batch_idx: int) -> torch.Tensor:
             loss = original(batch, batch_idx)
+            if (
+                injector.kind == "slow"
+                and trainer.global_rank == injector.rank
+                and trainer.global_step + 1 >= injector.step
+            ):
+                _sleep(injector.seconds)
+            if injector.kind not in ("nan_loss", "scale_loss", "sleep", "pause"):  # faults of one step
+                return loss
             if trainer.global_rank != injector.rank or trainer.global_step + 1 != injector.step:
                 return loss
             if injector.kind == "nan_loss":
@@ -81,6 +106,33 @@ class FaultInjector(L.Callback):
         skipped = [e["step"] for e in guard.events] if guard is not None else None
         path = self.record_dir / f"decisions-rank{trainer.global_rank}.json"
         path.write_text(json.dumps({"skipped": skipped, "steps": trainer.global_step}))
+
+    def _poison(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        original, injector = pl_module.training_loss, self
+
+        def training_loss(tokens: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+            loss = original(tokens, keys)
+            if keys is None:
+                return loss
+            if not injector.keys and trainer.global_rank == injector.rank and trainer.global_step + 1 == injector.step:
+                injector.keys = [int(keys[0])]
+                if injector.record_dir is not None:
+                    injector.record_dir.mkdir(parents=True, exist_ok=True)
+                    (injector.record_dir / "poisoned.json").write_text(json.dumps(injector.keys))
+            hit = torch.isin(keys.cpu(), torch.tensor(injector.keys, dtype=torch.int64))
+            if pl_module.excluded_keys is not None:
+                hit &= ~torch.isin(keys.cpu(), pl_module.excluded_keys.cpu())
+            return loss * math.nan if bool(hit.any()) else loss
+
+        pl_module.training_loss = training_loss
+
+    def _kill(self, trainer: L.Trainer, name: str) -> None:
+        if name == self.point and self.rank in (-1, trainer.global_rank):
+            if self.record_dir is not None and trainer.global_rank == 0:
+                self.record_dir.mkdir(parents=True, exist_ok=True)
+                (self.record_dir / "killed").touch()
+            print(f"fault injection: rank {trainer.global_rank} killed at the guard's {name!r} point", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         self.record_dir.mkdir(parents=True, exist_ok=True)

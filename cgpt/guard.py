@@ -18,6 +18,15 @@ What happens to a bad step (``action``):
 - ``stop``: the update is not applied either, ``<checkpoints>/last.ckpt`` is saved, and the run
   exits with :data:`EXIT_GUARD_STOPPED`. ``max_consecutive_skips`` / ``max_skips`` turn ``skip``
   into ``stop`` when the run keeps failing.
+- ``rollback``: back to the last good state — the state before the bad step, which the gate
+  guarantees is untouched (it runs before the update: weights, optimizer moments, schedule and data
+  position are still those of the last good step, so no copy is kept) — and the step is computed
+  again on the same micro-batches (the *replay*). Not bad again: a transient fault, logged, and the
+  replayed step is applied. Bad again: the data is at fault; the offending samples (those whose own
+  loss is bad; else every sample of the flagged ranks' micro-batches) are *quarantined by sample
+  key* — they weigh nothing in the loss from then on, in this run and in a resumed one — and the
+  step is computed a third time without them and applied (skipped if it is still bad).
+  ``max_rollbacks`` turns it into ``stop``; ``rewarm_steps`` ramps the lr up again after it.
 
 Where the check runs: DDP and FSDP call the gate from
 :meth:`cgpt.lit_module.CerebrasGPTModule.configure_gradient_clipping` (the norm is the one
@@ -32,7 +41,8 @@ import math
 import statistics
 import sys
 from collections import deque
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +54,7 @@ from cgpt.weights import LAST
 
 # Exit status of a run the guard stopped (after saving its checkpoint).
 EXIT_GUARD_STOPPED = 4
-ACTIONS = ("skip", "stop")
+ACTIONS = ("skip", "stop", "rollback")
 
 
 @dataclass
@@ -59,8 +69,21 @@ class GuardConfig:
     min_history: int = 50
     max_consecutive_skips: int = 5
     max_skips: int = 100
+    max_rollbacks: int = 10
+    rewarm_steps: int = 0
+    exclude_keys: list[int] = field(default_factory=list)
+    include_keys: list[int] | str = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.exclude_keys = [int(k) for k in self.exclude_keys or []]
+        if self.include_keys != "all":
+            if isinstance(self.include_keys, str):
+                raise ConfigError(f"guard.include_keys={self.include_keys!r}: use a list of sample keys or 'all'")
+            self.include_keys = [int(k) for k in self.include_keys or []]
+        if self.max_rollbacks < 1 or self.rewarm_steps < 0:
+            raise ConfigError(
+                f"guard.max_rollbacks={self.max_rollbacks} must be >= 1 and guard.rewarm_steps={self.rewarm_steps} >= 0"
+            )
         if self.action not in ACTIONS:
             raise ConfigError(f"guard.action={self.action!r}: use one of {', '.join(ACTIONS)}")
         if self.window < 2 or not 2 <= self.min_history <= self.window:
@@ -112,6 +135,13 @@ class StepGuard(L.Callback):
         self._loss: torch.Tensor | None = None  # this optimizer step's mean loss so far (on the device)
         self._new_step = True
         self._event_this_step = False
+        self.rollbacks = 0
+        self.replays = {"data": 0, "transient": 0}
+        self.quarantine: set[int] = set(config.exclude_keys)  # sample keys that weigh nothing in the loss
+        self.rewarm_left = 0
+        self._module: Any = None  # the CerebrasGPTModule (rollback recomputes steps through it)
+        # Test-only fault points (cgpt.fault_injection): called with the name of the point reached.
+        self.fault_points: list[Callable[[str], None]] = []
 
     @property
     def stopped(self) -> bool:
@@ -125,6 +155,14 @@ class StepGuard(L.Callback):
             self.inactive = _FP16
         elif stage == "fit" and hasattr(pl_module, "step_gate"):
             pl_module.step_gate = self.decide
+            if self.config.action == "rollback":
+                if getattr(trainer.strategy, "set_step_gate", None) is not None:
+                    raise ConfigError(
+                        "guard.action=rollback recomputes a step through the module, which DeepSpeed's engine does "
+                        "not allow: use strategy=ddp or fsdp, or guard.action=skip/stop under DeepSpeed"
+                    )
+                pl_module.keep_step_batches = True
+                self._module = pl_module
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         install = getattr(trainer.strategy, "set_step_gate", None)
@@ -134,6 +172,10 @@ class StepGuard(L.Callback):
         if self.inactive is not None:
             _print(trainer, f"guard: inactive: {self.inactive}")
         self.consecutive = 0  # a (re)start is a fresh chance; the per-run cap max_skips still counts
+        if hasattr(pl_module, "set_excluded_keys"):
+            pl_module.set_excluded_keys(sorted(self.quarantine))
+            if self.quarantine:
+                _print(trainer, f"guard: {len(self.quarantine)} quarantined sample(s) weigh nothing in the loss")
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if getattr(pl_module, "step_gate", None) == self.decide:
@@ -154,7 +196,10 @@ class StepGuard(L.Callback):
             # A running count (a logger keeps the last value of a key, so a per-event flag would linger):
             # it rises on the steps that were dropped. On event and logging steps only (each self.log
             # costs ~0.3 ms); a CPU tensor, so no host-device copy.
-            pl_module.log("guard/skipped_steps", torch.tensor(float(self.skipped), dtype=torch.float64))
+            for key, value in (("skipped_steps", self.skipped), ("rollbacks", self.rollbacks),
+                               ("transient_faults", self.replays["transient"]),
+                               ("quarantined_samples", len(self.quarantine))):  # fmt: skip
+                pl_module.log(f"guard/{key}", torch.tensor(float(value), dtype=torch.float64))
         self._event_this_step = False
         if self.stop_reason is not None and not self.stopped:
             path = self.dirpath / LAST
@@ -172,6 +217,17 @@ class StepGuard(L.Callback):
         """
         loss = self._loss if self._loss is not None else torch.zeros(())
         self._new_step = True
+        has_norm = grad_norm is not None
+        verdict = self._agree(loss, grad_norm)
+        if verdict.reason is None:
+            self._good(verdict, has_norm)
+            return False
+        if self.config.action == "rollback" and self._module is not None:
+            return self._rollback(verdict, has_norm)
+        return self._bad(verdict, has_norm)
+
+    def _agree(self, loss: torch.Tensor, grad_norm: torch.Tensor | float | None) -> _Verdict:
+        """The one all-reduce and host sync: every rank gets the same numbers and the same verdict."""
         device = loss.device
         norm = torch.as_tensor(math.nan if grad_norm is None else grad_norm)
         norm = norm.detach().to(device=device, dtype=torch.float64).reshape(1)
@@ -179,23 +235,33 @@ class StepGuard(L.Callback):
         flags = torch.zeros(world, dtype=torch.float64, device=device)
         # This rank's loss is its own; the norm is global (the same on every rank), so it is judged after the sum.
         flags[rank] = (~torch.isfinite(loss)).double()
-        buf = torch.cat([loss.double().reshape(1), norm, flags])
+        buf = torch.cat([loss.detach().double().reshape(1), norm, flags])
         if world > 1:
             torch.distributed.all_reduce(buf)
         values = buf.tolist()  # the one host sync
         mean_loss, mean_norm = values[0] / world, values[1] / world
         bad = {r: int(f) for r, f in enumerate(values[2:]) if f > 0}
-        step = self._step()
         reason, kind = self._judge(mean_loss, mean_norm, bad, grad_norm is not None)
-        if reason is None:
-            self.consecutive = 0
-            self.losses.append(mean_loss)
-            if grad_norm is not None:
-                self.norms.append(mean_norm)
-            return False
+        return _Verdict(reason, kind, mean_loss, mean_norm, sorted(bad))
+
+    def _good(self, verdict: _Verdict, has_norm: bool) -> None:
+        self.consecutive = 0
+        self.losses.append(verdict.loss)
+        if has_norm:
+            self.norms.append(verdict.norm)
+        if self.rewarm_left > 0:  # the schedule sets the lr afresh at its next step: this scales one update
+            factor = (self.config.rewarm_steps - self.rewarm_left + 1) / (self.config.rewarm_steps + 1)
+            self.rewarm_left -= 1
+            for optimizer in self._trainer.optimizers if self._trainer is not None else []:
+                for group in optimizer.param_groups:
+                    group["lr"] *= factor
+
+    def _bad(self, verdict: _Verdict, has_norm: bool) -> bool:
+        """skip or stop (and the caps that turn skip into stop)."""
+        step, reason = self._step(), verdict.reason
         self.skipped += 1
         self.consecutive += 1
-        action = self.config.action
+        action = "skip" if self.config.action == "rollback" else self.config.action
         if action == "skip" and self.consecutive >= self.config.max_consecutive_skips:
             action = "stop"
             self.stop_reason = (
@@ -208,13 +274,84 @@ class StepGuard(L.Callback):
             self.stop_reason = f"{self.skipped} bad steps in this run (guard.max_skips={cap}); {_ADVICE}"
         elif action == "stop":
             self.stop_reason = f"guard.action=stop: {reason}"
-        event = {"step": step, "kind": kind, "action": action, "loss": _finite_or_str(mean_loss),
-                 "grad_norm": _finite_or_str(mean_norm) if grad_norm is not None else None,
-                 "ranks": sorted(bad), "detail": reason}  # fmt: skip
-        self.events.append(event)
-        self._event_this_step = True
+        self._event(verdict, has_norm, step, action=action)
         _print(self._trainer, f"guard: step {step}: {reason} -> {'update skipped' if action == 'skip' else 'stop'}")
         return True
+
+    def _event(self, verdict: _Verdict, has_norm: bool, step: int, **extra: Any) -> dict[str, Any]:
+        event = {"step": step, "kind": verdict.kind, "loss": _finite_or_str(verdict.loss),
+                 "grad_norm": _finite_or_str(verdict.norm) if has_norm else None,
+                 "ranks": verdict.ranks, "detail": verdict.reason, **extra}  # fmt: skip
+        self.events.append(event)
+        self._event_this_step = True
+        return event
+
+    # --- rollback: replay, quarantine, recompute -----------------------------------------------
+    def _rollback(self, verdict: _Verdict, has_norm: bool) -> bool:
+        """Back to the state before this step (untouched: the gate precedes the update), replay the
+        step once on the same micro-batches, and quarantine its bad samples if the fault reproduces."""
+        step, module = self._step(), self._module
+        if self.rollbacks >= self.config.max_rollbacks:
+            self.stop_reason = (
+                f"{self.rollbacks} rollbacks in this run (guard.max_rollbacks={self.config.max_rollbacks}) and step "
+                f"{step} is bad again ({verdict.reason}); {_ADVICE}"
+            )
+            self._event(verdict, has_norm, step, action="stop")
+            _print(self._trainer, f"guard: step {step}: {verdict.reason} -> stop (rollback cap)")
+            return True
+        self.rollbacks += 1
+        self._fault_point("replay")
+        replay = self._agree(*module.recompute_step())
+        if replay.reason is None:
+            self.replays["transient"] += 1
+            self._event(verdict, has_norm, step, action="rollback", replay="transient", quarantined=[])
+            _print(self._trainer, f"guard: step {step}: {verdict.reason} -> rolled back and replayed: not "
+                                  "reproduced (transient fault), the replayed step is applied")  # fmt: skip
+            self._good(replay, has_norm)
+            return False
+        self.replays["data"] += 1
+        keys = self._suspects(replay)
+        self.quarantine |= set(keys)
+        module.set_excluded_keys(sorted(self.quarantine))
+        self._fault_point("quarantine")
+        again = self._agree(*module.recompute_step())
+        applied = again.reason is None
+        event = self._event(verdict, has_norm, step, action="rollback", replay="data", quarantined=keys,
+                            applied=applied)  # fmt: skip
+        where = f"quarantined {len(keys)} sample(s) {_shorten(keys)}"
+        if applied:
+            _print(self._trainer, f"guard: step {step}: {verdict.reason} -> rolled back and replayed: reproduced "
+                                  f"(data); {where}; the step without them is applied")  # fmt: skip
+            self.rewarm_left = self.config.rewarm_steps
+            self._good(again, has_norm)
+            return False
+        self.events.remove(event)  # it is recorded once, as the skip (or stop) it turns into
+        verdict = _Verdict(f"{again.reason} (after rollback: {where})", again.kind, again.loss, again.norm, again.ranks)
+        return self._bad(verdict, has_norm)
+
+    def _suspects(self, replay: _Verdict) -> list[int]:
+        """The keys of the samples to quarantine, the same list on every rank (collectives).
+
+        Narrowed by each sample's own loss where it tells: the samples whose loss is not finite,
+        or above the spike limit for a loss spike. Otherwise (a non-finite or spiking gradient norm
+        with ordinary per-sample losses) every sample of the step's micro-batches on the ranks
+        whose loss was bad, or on every rank when none was.
+        """
+        losses = self._module.sample_losses()
+        mine = [k for k, value in losses if not math.isfinite(value)]
+        if not mine and replay.kind == "loss_spike" and self.config.loss_spike_z is not None:
+            mean, std = _mean_std(self.losses)
+            mine = [k for k, value in losses if value > mean + self.config.loss_spike_z * std]
+        found = sorted(set().union(*_all_gather(mine)))
+        if found:
+            return found
+        per_rank = _all_gather(self._module.step_keys())
+        ranks = replay.ranks or range(len(per_rank))
+        return sorted({k for r in ranks for k in per_rank[r]})
+
+    def _fault_point(self, name: str) -> None:
+        for hook in self.fault_points:
+            hook(name)
 
     def _judge(self, loss: float, norm: float, bad: dict[int, int], has_norm: bool) -> tuple[str | None, str]:
         bad_norm = has_norm and not math.isfinite(norm)
@@ -257,17 +394,22 @@ class StepGuard(L.Callback):
             "enabled": True,
             "inactive": self.inactive,
             "action": self.config.action,
-            "skipped_steps": [e["step"] for e in self.events],
+            "skipped_steps": [e["step"] for e in self.events if e["action"] != "rollback"],
             "events": self.events,
             "stopped": self.stop_reason,
             "max_loss_z_of_a_good_step": self.max_loss_z,
             "max_grad_norm_ratio_of_a_good_step": self.max_norm_ratio,
+            "rollbacks": self.rollbacks,
+            "replays": dict(self.replays),
+            "quarantined_keys": sorted(self.quarantine),
         }
 
     def state_dict(self) -> dict[str, Any]:
         return {"losses": list(self.losses), "norms": list(self.norms), "events": self.events,
                 "skipped": self.skipped, "consecutive": self.consecutive, "max_loss_z": self.max_loss_z,
-                "max_norm_ratio": self.max_norm_ratio, "config": asdict(self.config)}  # fmt: skip
+                "max_norm_ratio": self.max_norm_ratio, "config": asdict(self.config), "rollbacks": self.rollbacks,
+                "replays": dict(self.replays), "quarantine": sorted(self.quarantine),
+                "rewarm_left": self.rewarm_left}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.losses.extend(state.get("losses", []))
@@ -277,6 +419,12 @@ class StepGuard(L.Callback):
         self.consecutive = int(state.get("consecutive", 0))
         self.max_loss_z = state.get("max_loss_z")
         self.max_norm_ratio = state.get("max_norm_ratio")
+        self.rollbacks = int(state.get("rollbacks", 0))
+        self.replays = {"data": 0, "transient": 0, **state.get("replays", {})}
+        self.rewarm_left = int(state.get("rewarm_left", 0))
+        include = self.config.include_keys
+        saved = set() if include == "all" else set(state.get("quarantine", [])) - set(include)
+        self.quarantine = saved | set(self.config.exclude_keys)
 
 
 _FP16 = "fp16 with dynamic loss scaling skips non-finite steps itself (and expects some); no spike checks either"
@@ -284,6 +432,31 @@ _ADVICE = (
     "the run keeps producing bad steps: inspect the events in summary.json, lower optim.lr or "
     "re-warm (scheduler.warmup_steps), or raise the cap and re-run the same command to resume"
 )
+
+
+@dataclass
+class _Verdict:
+    """What the ranks agreed on for one computation of a step."""
+
+    reason: str | None  # why it is bad; None: good
+    kind: str
+    loss: float  # mean over ranks
+    norm: float
+    ranks: list[int]  # ranks whose own loss was not finite
+
+
+def _all_gather(items: list[int]) -> list[list[int]]:
+    """Every rank's list (only on events: a pickled gather)."""
+    world, _ = _world()
+    if world == 1:
+        return [items]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, items)
+    return out
+
+
+def _shorten(keys: list[int]) -> str:
+    return str(keys) if len(keys) <= 8 else f"[{', '.join(map(str, keys[:8]))}, ...]"
 
 
 def _mean_std(values: deque[float]) -> tuple[float, float]:

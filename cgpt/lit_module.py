@@ -11,10 +11,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from cgpt.config import ConfigError, ModelConfig, TrainingDefaults, normalize_preset_name
 from cgpt.hardware import resolve_compile, resolve_fused_loss
+from cgpt.lm_head import IGNORE_INDEX
 from cgpt.model import GPT
 from cgpt.optim import OptimConfig, SchedulerConfig, build_optimizer, build_scheduler, resolve_schedule
 from cgpt.presets import PRESETS
-from cgpt.strategies import clip_grad_norm, clipped_grad_norm, clips_in_optimizer_step, grad_norm
+from cgpt.strategies import average_ddp_gradients, clip_grad_norm, clipped_grad_norm, clips_in_optimizer_step, grad_norm
 
 
 class CerebrasGPTModule(L.LightningModule):
@@ -65,6 +66,13 @@ class CerebrasGPTModule(L.LightningModule):
         # Called with each optimizer step's pre-clip global gradient norm; True drops the update
         # (set by cgpt.guard.StepGuard; under DeepSpeed the strategy calls it inside its own step).
         self.step_gate: Callable[[torch.Tensor | None], bool] | None = None
+        # Quarantined sample keys (set by the guard): those samples weigh nothing in the training loss.
+        self.excluded_keys: torch.Tensor | None = None
+        # guard.action=rollback: keep the optimizer step's micro-batches (references, no copy) so the
+        # step can be computed again (recompute_step, sample_losses).
+        self.keep_step_batches = False
+        self._step_batches: list[dict[str, torch.Tensor]] = []
+        self._clip_args: tuple[Any, float | None, str | None] = (None, None, None)
 
     # --- runtime -------------------------------------------------------------------------------
     def set_runtime(self, seq_len: int, global_batch_size: int) -> None:
@@ -144,8 +152,31 @@ class CerebrasGPTModule(L.LightningModule):
         tokens = batch["tokens"]
         return self.model.loss(tokens[:, :-1], tokens[:, 1:])
 
+    def training_loss(self, tokens: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token loss over the tokens of the samples that are not quarantined.
+
+        Batch shapes and order stay as they are: a quarantined sample's targets are ignored, so the
+        data order (and resume) do not depend on what was quarantined. A micro-batch that is all
+        quarantined gives a zero loss with zero gradients (through the same forward, so sharded
+        strategies run the same collectives on every rank).
+        """
+        targets = tokens[:, 1:]
+        if self.excluded_keys is not None and keys is not None:
+            excluded = torch.isin(keys, self.excluded_keys.to(keys.device))
+            if bool(excluded.all()):  # a host sync, only in runs with quarantined samples
+                blank = torch.zeros_like(tokens[:1, 1:])
+                return self.model.loss(blank, blank) * 0.0
+            targets = targets.masked_fill(excluded[:, None], IGNORE_INDEX)
+        return self.model.loss(tokens[:, :-1], targets)
+
+    def set_excluded_keys(self, keys: list[int]) -> None:
+        """Quarantine these sample keys (an empty list re-includes every sample)."""
+        self.excluded_keys = torch.tensor(sorted(keys), dtype=torch.int64, device=self.device) if keys else None
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
+        loss = self.training_loss(batch["tokens"], batch.get("sample_keys"))
+        if self.keep_step_batches:
+            self._step_batches.append(batch)
         # No host-device sync per step: Lightning turns prog_bar values into Python numbers after
         # every batch, and a Python float logged on a GPU is a blocking host-to-device copy. So no
         # prog_bar here and host-side values go in as CPU tensors.
@@ -217,23 +248,82 @@ class CerebrasGPTModule(L.LightningModule):
             if gradient_clip_val:
                 self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        norm = None
-        if self.step_gate is not None and (not gradient_clip_val or gradient_clip_algorithm == "value"):
-            norm = grad_norm(self.parameters())  # the pre-clip norm the gate needs when clipping does not give it
-        if gradient_clip_val and gradient_clip_algorithm == "value":
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        elif gradient_clip_val:
-            norm = clip_grad_norm(self.parameters(), gradient_clip_val)  # sharded (FSDP2 DTensor) grads too
-            if self._logging_step():
-                self.log("grad_norm", norm)
+        self._clip_args = (optimizer, gradient_clip_val, gradient_clip_algorithm)
+        norm = self._clip(optimizer, gradient_clip_val, gradient_clip_algorithm, log=self._logging_step())
         if self.step_gate is not None and self.step_gate(norm):
             for p in self.parameters():
                 p.grad = None  # AdamW skips parameters without a gradient: no update, no moment or step change
 
+    def _clip(self, optimizer: Any, clip_val: float | None, algorithm: str | None, log: bool) -> torch.Tensor | None:
+        """Clip as configured; returns the pre-clip global norm the gate judges (None without a gate
+        when clipping does not compute it)."""
+        norm = None
+        if self.step_gate is not None and (not clip_val or algorithm == "value"):
+            norm = grad_norm(self.parameters())  # the pre-clip norm the gate needs when clipping does not give it
+        if clip_val and algorithm == "value":
+            self.clip_gradients(optimizer, clip_val, algorithm)
+        elif clip_val:
+            norm = clip_grad_norm(self.parameters(), clip_val)  # sharded (FSDP2 DTensor) grads too
+            if log:
+                self.log("grad_norm", norm)
+        return norm
+
+    # --- recomputing a step (guard.action=rollback) --------------------------------------------
+    def recompute_step(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Compute the current optimizer step's gradients again from its kept micro-batches, with
+        the exclusions as they are now; reduce them across ranks as the strategy does and clip.
+        Returns the step's mean loss (this rank's) and the pre-clip global norm.
+
+        Every rank calls it together (the reductions are collectives). The weights and the
+        optimizer state are those before the step: the gate runs before the update.
+        """
+        trainer = self.trainer
+        params = [p for p in self.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = None
+        n = len(self._step_batches)
+        total = torch.zeros((), device=self.device)
+        with trainer.precision_plugin.train_step_context():  # autocast as in the training step
+            for batch in self._step_batches:
+                loss = self.training_loss(batch["tokens"], batch.get("sample_keys")) / n  # as Lightning divides
+                loss.backward()  # the raw module, not the DDP wrapper: local gradients (FSDP2 reduces itself)
+                total = total + loss.detach().float()
+        average_ddp_gradients(trainer.strategy, params)
+        return total, self._clip(*self._clip_args, log=False)
+
+    def sample_losses(self) -> list[tuple[int, float]]:
+        """(key, loss) of every sample of the current optimizer step's micro-batches, one forward
+        per sample (diagnosis of a bad step; every rank calls it together, the same number of times).
+
+        Each forward gets a backward (of zero; the gradients are cleared after): under FSDP2, forwards
+        without their backward (with or without autograd) left NaN gradients of the previous
+        backward in the last block's next gradients (found by the sharded rollback test).
+        """
+        out: list[tuple[int, float]] = []
+        with self.trainer.precision_plugin.train_step_context():
+            for batch in self._step_batches:
+                tokens, keys = batch["tokens"], batch.get("sample_keys")
+                if keys is None:
+                    continue
+                for i in range(len(keys)):
+                    loss = self.training_loss(tokens[i : i + 1], keys[i : i + 1])
+                    (loss * 0).backward()
+                    out.append((int(keys[i]), float(loss)))
+        for p in self.parameters():
+            p.grad = None
+        return out
+
+    def step_keys(self) -> list[int]:
+        """The sample keys of the current optimizer step's micro-batches on this rank."""
+        return [k for b in self._step_batches if b.get("sample_keys") is not None for k in b["sample_keys"].tolist()]
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Under DeepSpeed (which clips inside its step) log the pre-clip norm the step computed, on the
         same row as DDP's: after the accumulation boundary, global_step counts the step just made."""
-        if not clips_in_optimizer_step(self.trainer.strategy) or self.trainer.fit_loop._should_accumulate():
+        if self.trainer.fit_loop._should_accumulate():
+            return
+        self._step_batches = []  # the step is done: its micro-batches are not needed any more
+        if not clips_in_optimizer_step(self.trainer.strategy):
             return
         if self._logging_step(self.global_step):
             norm = clipped_grad_norm(self.trainer.strategy)

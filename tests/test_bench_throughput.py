@@ -135,8 +135,11 @@ def test_guard_compare_times_the_cgpt_loop_with_and_without_the_step_guard(tmp_p
     out = tmp_path / "result.json"
     argv = [str(SCRIPT), *TINY, "--steps", "5", "--warmup", "1", "--repeats", "1", "--log-every", "2"]
     argv += ["--device", "cpu", "--compile", "false", "--guard", "compare", "--json", str(out)]
+    argv += ["--guard-action", "rollback", "--snapshot-cost"]
     proc = run_script(argv, timeout=120)
-    assert "step time with / without the guard" in proc.stdout
+    assert "step time with / without the guard" in proc.stdout and "snapshot of weights + AdamW state" in proc.stdout
     result = json.loads(out.read_text())
     assert result["guard"] == "compare" and result["cgpt_guard"]["tokens_per_sec"] > 0
     assert 0 < result["guard_cost"] < 10 and len(result["guard_cost_reps"]) == 1
+    params = result["num_params"]
+    assert result["snapshot"]["bytes"] >= 3 * 4 * params and result["snapshot"]["wall_ms"] > 0  # fp32 w + 2 moments

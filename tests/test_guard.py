@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, run_script
+from conftest import REPO_ROOT, run_script, weights
 
 from cgpt.config import ConfigError
 from cgpt.guard import EXIT_GUARD_STOPPED, GuardConfig, StepGuard
-from cgpt.watchdog import EXIT_HUNG
+from cgpt.watchdog import EXIT_HUNG, HangWatchdog, straggler_ratios
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 STEPS, BAD = 6, 3
@@ -92,9 +92,125 @@ def test_the_guard_stands_aside_under_fp16_loss_scaling() -> None:
     assert module.step_gate == guard.decide and guard.summary()["inactive"] is None
 
 
+class FakeModule:
+    """What the guard's rollback calls on the module: each recompute returns the next scripted loss;
+    a sample whose key is in ``poisoned`` has a NaN loss unless it is excluded."""
+
+    def __init__(self, losses: list[float], keys: list[int], poisoned: set[int]) -> None:
+        self.losses, self.keys, self.poisoned = list(losses), keys, poisoned
+        self.excluded: list[int] = []
+        self.recomputes = 0
+
+    def recompute_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.recomputes += 1
+        return torch.tensor(self.losses.pop(0)), torch.tensor(1.0)
+
+    def sample_losses(self) -> list[tuple[int, float]]:
+        return [(k, math.nan if k in self.poisoned and k not in self.excluded else 2.0) for k in self.keys]
+
+    def step_keys(self) -> list[int]:
+        return list(self.keys)
+
+    def set_excluded_keys(self, keys: list[int]) -> None:
+        self.excluded = list(keys)
+
+
+def rollback_guard(module: FakeModule, **config: object) -> StepGuard:
+    guard = StepGuard(GuardConfig(action="rollback", min_history=2, window=4, **config), "unused")
+    guard._module = module
+    return guard
+
+
+def test_rollback_replays_and_quarantines_only_a_fault_that_reproduces() -> None:
+    transient = FakeModule([2.0], [10, 11], poisoned=set())
+    guard = rollback_guard(transient)
+    assert not feed(guard, math.nan)  # replay is finite: the replayed step is applied
+    assert transient.recomputes == 1 and guard.quarantine == set() and guard.replays == {"data": 0, "transient": 1}
+    assert guard.events[0]["replay"] == "transient" and guard.summary()["skipped_steps"] == []
+    data = FakeModule([math.nan, 2.0], [10, 11, 12], poisoned={11})
+    guard = rollback_guard(data, rewarm_steps=3)
+    assert not feed(guard, math.nan)  # replay NaN again -> quarantine 11 -> recomputed without it
+    assert data.recomputes == 2 and data.excluded == [11] and guard.summary()["quarantined_keys"] == [11]
+    assert guard.events[0]["quarantined"] == [11] and guard.replays == {"data": 1, "transient": 0}
+    assert guard.rollbacks == 1 and guard.rewarm_left == 2  # the recomputed step was the first of the 3
+    still = FakeModule([math.nan, math.nan], [10, 11], poisoned=set())  # nothing singled out: the whole step
+    guard = rollback_guard(still)
+    assert feed(guard, math.nan) and guard.quarantine == {10, 11} and guard.summary()["skipped_steps"] == [1]
+
+
+def test_rewarm_scales_the_lr_of_the_updates_after_a_data_rollback() -> None:
+    from types import SimpleNamespace
+
+    guard = rollback_guard(FakeModule([math.nan, 2.0], [4], {4}), rewarm_steps=2)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3)
+    guard._trainer = SimpleNamespace(optimizers=[optimizer], global_step=0, is_global_zero=True)
+    seen = []
+    for loss in (math.nan, 2.0, 2.0):  # the rolled-back step, then two good ones
+        optimizer.param_groups[0]["lr"] = 0.3  # what the schedule sets before each step
+        feed(guard, loss)
+        seen.append(optimizer.param_groups[0]["lr"])
+    assert seen == [pytest.approx(0.1), pytest.approx(0.2), 0.3]
+
+
+def test_rollback_cap_stops_and_quarantine_round_trips_through_a_checkpoint() -> None:
+    guard = rollback_guard(FakeModule([2.0] * 4, [1], set()), max_rollbacks=2)
+    assert not feed(guard, math.nan) and not feed(guard, math.nan)
+    assert feed(guard, math.nan) and "guard.max_rollbacks=2" in guard.stop_reason
+    saved = rollback_guard(FakeModule([math.nan, 2.0], [5, 6], {5}))
+    feed(saved, math.nan)
+    state = saved.state_dict()
+    assert state["quarantine"] == [5]
+    resumed = StepGuard(GuardConfig(action="rollback", exclude_keys=[7]), "unused")
+    resumed.load_state_dict(state)
+    assert resumed.quarantine == {5, 7} and resumed.rollbacks == 1
+    taken_back = StepGuard(GuardConfig(include_keys=[5]), "unused")
+    taken_back.load_state_dict(state)
+    assert taken_back.quarantine == set()
+    every = StepGuard(GuardConfig(include_keys="all", exclude_keys=[3]), "unused")
+    every.load_state_dict(state)
+    assert every.quarantine == {3}
+
+
+def test_watchdog_limit_follows_the_median_step_time_above_its_floor(tmp_path: Path) -> None:
+    dog = HangWatchdog(str(tmp_path), timeout_s=3, median_multiple=10, warmup_steps=2)
+    for t in (0.0, 50.0, 51.0):  # the first step (from t=0) and the second are warm-up: not counted
+        dog._time_step(t)
+    assert dog.limit_s == 3 and not dog.step_times
+    for t in (51.2, 51.5, 51.7, 60.0):  # steps of 0.2, 0.3, 0.2 and one slow 8.3 s: median 0.25 s
+        dog._time_step(t)
+    assert dog.limit_s == 3  # 10 x the median 0.25 s is below the floor
+    for t in (61.0, 62.0, 63.0, 64.0):  # 1 s steps: median 1 s -> 10 s
+        dog._time_step(t)
+    assert dog.limit_s == pytest.approx(10.0) and "median_multiple=10 x the median" in dog._limit_text()
+    with pytest.raises(ConfigError, match="median_multiple"):
+        HangWatchdog(str(tmp_path), median_multiple=0.5)
+
+
+def test_straggler_ratio_compares_a_rank_with_the_others() -> None:
+    assert straggler_ratios([1.0, 3.0]) == [pytest.approx(1 / 3), 3.0]  # two ranks: the other one
+    assert straggler_ratios([1.0, 1.0, 1.2, 5.0])[3] == pytest.approx(5.0)
+    assert straggler_ratios([2.0]) == [1.0]
+
+
+def test_rollback_is_refused_under_deepspeed_before_training() -> None:
+    from types import SimpleNamespace
+
+    guard = StepGuard(GuardConfig(action="rollback"), "unused")
+    module = SimpleNamespace(step_gate=None, keep_step_batches=False)
+    deepspeed = SimpleNamespace(precision_plugin=SimpleNamespace(), strategy=SimpleNamespace(set_step_gate=print))
+    with pytest.raises(ConfigError, match="strategy=ddp or fsdp"):
+        guard.setup(deepspeed, module, "fit")
+    guard.setup(SimpleNamespace(precision_plugin=SimpleNamespace(), strategy=SimpleNamespace()), module, "fit")
+    assert module.keep_step_batches and guard._module is module
+
+
 def test_guard_config_errors_are_clear() -> None:
     with pytest.raises(ConfigError, match="guard.action"):
         GuardConfig(action="rollbak")
+    with pytest.raises(ConfigError, match="include_keys"):
+        GuardConfig(include_keys="some")
+    with pytest.raises(ConfigError, match="max_rollbacks"):
+        GuardConfig(max_rollbacks=0)
     with pytest.raises(ConfigError, match="min_history"):
         GuardConfig(window=10, min_history=20)
     with pytest.raises(ConfigError, match="unknown guard keys"):
@@ -268,3 +384,140 @@ def test_a_multiplied_loss_is_caught_by_the_default_spike_rule(tiny_data_dir: Pa
     guard = json.loads((out / "summary.json").read_text())["guard"]
     assert [(e["step"], e["kind"]) for e in guard["events"]] == [(spike, "loss_spike")], guard["events"]
     assert guard["max_loss_z_of_a_good_step"] < 8.0
+
+
+# --- rollback: replay, quarantine, resume ----------------------------------------------------------
+ROLLBACK = "guard.action=rollback"
+
+
+def quarantine_in_checkpoint(path: Path) -> list[int]:
+    """The guard's quarantine saved in a checkpoint (a file, or a sharded folder's meta.pt)."""
+    state = torch.load(path / "meta.pt" if path.is_dir() else path, weights_only=False, map_location="cpu")
+    return state["callbacks"]["StepGuard"]["quarantine"]
+
+
+def max_difference(a: Path, b: Path) -> float:
+    wa, wb = weights(a), weights(b)
+    assert sorted(wa) == sorted(wb)
+    return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+
+
+def poisoned_run(data_dir: Path, out: Path, record: Path, strategy: str, *extra: str) -> tuple[str, int]:
+    """A rollback run whose first sample of rank 1 in step BAD is poisoned (NaN loss every time it
+    counts); returns its stdout and the poisoned key."""
+    proc = run_script(args(data_dir, out, strategy, ROLLBACK, fault("poison", record), *extra), timeout=300)
+    return proc.stdout, json.loads((record / "poisoned.json").read_text())[0]
+
+
+@pytest.fixture(scope="module")
+def ddp_rollback(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int, str]:
+    """A DDP rollback run with a poisoned sample, and its oracle: the same run with that key excluded
+    from the start (guard.exclude_keys) and no fault. Returns (run, oracle, key, run's stdout)."""
+    tmp = tmp_path_factory.mktemp("ddp_rollback")
+    stdout, key = poisoned_run(tiny_data_dir, tmp / "run", tmp / "record", "ddp")
+    run_script(args(tiny_data_dir, tmp / "oracle", "ddp", ROLLBACK, f"guard.exclude_keys=[{key}]"), timeout=300)
+    return tmp / "run", tmp / "oracle", key, stdout
+
+
+def check_quarantined(out: Path, key: int) -> None:
+    guard = json.loads((out / "summary.json").read_text())["guard"]
+    assert guard["quarantined_keys"] == [key] and guard["rollbacks"] == 1, guard
+    assert guard["replays"] == {"data": 1, "transient": 0} and guard["skipped_steps"] == []
+    (event,) = guard["events"]
+    assert (event["step"], event["replay"], event["quarantined"], event["applied"]) == (BAD, "data", [key], True)
+    assert quarantine_in_checkpoint(out / "checkpoints" / "last.ckpt") == [key]
+    assert logged(out)[STEPS - 1]["guard/quarantined_samples"] == "1.0"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_rollback_quarantines_a_bad_sample_like_an_oracle_run_ddp(ddp_rollback: tuple[Path, Path, int, str]) -> None:
+    """The poisoned sample's fault reproduces on replay, its key is quarantined (summary.json and the
+    checkpoint), and the final weights equal those of a run that never counted that sample."""
+    out, oracle, key, stdout = ddp_rollback
+    assert f"guard: step {BAD}: non-finite loss on rank 1" in stdout and "reproduced (data)" in stdout
+    check_quarantined(out, key)
+    assert max_difference(out / "checkpoints" / "last.ckpt", oracle / "checkpoints" / "last.ckpt") <= 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_rollback_quarantines_a_bad_sample_like_an_oracle_run_fsdp(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """The same under FSDP2 (sharded weights, optimizer state and gradients)."""
+    out, oracle = tmp_path / "run", tmp_path / "oracle"
+    _, key = poisoned_run(tiny_data_dir, out, tmp_path / "record", "fsdp")
+    run_script(args(tiny_data_dir, oracle, "fsdp", ROLLBACK, f"guard.exclude_keys=[{key}]"), timeout=300)
+    check_quarantined(out, key)
+    assert max_difference(out / "checkpoints" / "last.ckpt", oracle / "checkpoints" / "last.ckpt") <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_transient_fault_is_replayed_not_quarantined(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """NaN once on rank 1 (not on the replay): logged as transient, nothing quarantined, and the
+    weights equal those of the same run without the fault."""
+    out, clean = tmp_path / "run", tmp_path / "clean"
+    proc = run_script(args(tiny_data_dir, out, "ddp", ROLLBACK, fault("nan_loss")), timeout=300)
+    run_script(args(tiny_data_dir, clean, "ddp", ROLLBACK), timeout=300)
+    assert "not reproduced (transient fault)" in proc.stdout
+    guard = json.loads((out / "summary.json").read_text())["guard"]
+    assert guard["replays"] == {"data": 0, "transient": 1} and guard["quarantined_keys"] == []
+    assert [(e["step"], e["replay"]) for e in guard["events"]] == [(BAD, "transient")]
+    assert logged(out)[STEPS - 1]["guard/transient_faults"] == "1.0"
+    assert max_difference(out / "checkpoints" / "last.ckpt", clean / "checkpoints" / "last.ckpt") <= 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_kill_during_a_rollback_leaves_a_resumable_run(
+    tiny_data_dir: Path, tmp_path: Path, ddp_rollback: tuple[Path, Path, int, str]
+) -> None:
+    """Every rank is SIGKILLed in the middle of the rollback (after the quarantine is chosen, before the
+    step is recomputed). Re-running the same command resumes from the last checkpoint, rolls back
+    again and ends with the oracle's weights."""
+    _, oracle, key, _ = ddp_rollback
+    out, record = tmp_path / "run", tmp_path / "record"
+    kill = "+callbacks.kill={_target_: " + INJECT + f", kind: kill, point: quarantine, rank: -1, record_dir: {record}}}"
+    cmd = [a for a in args(tiny_data_dir, out, "ddp", ROLLBACK, fault("poison", record), kill) if a != "resume=null"]
+    proc = subprocess.run([sys.executable, *cmd], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == -9, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "killed at the guard's 'quarantine' point" in proc.stdout
+    assert not (out / "summary.json").exists()
+    resumed = run_script(cmd, timeout=300)
+    assert "resuming from" in resumed.stdout
+    assert json.loads((record / "poisoned.json").read_text()) == [key]
+    check_quarantined(out, key)
+    assert max_difference(out / "checkpoints" / "last.ckpt", oracle / "checkpoints" / "last.ckpt") <= 1e-6
+
+
+# --- watchdog: the median-multiple limit and stragglers -------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_watchdog_median_multiple_limit_fires_on_a_sleeping_rank(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """Rank 1 sleeps in step 4: the limit in force is 30x the median step time (above the 2 s floor),
+    and past it both ranks dump and the run exits with EXIT_HUNG."""
+    out = tmp_path / "run"
+    dog = ["watchdog.timeout_s=2", "watchdog.median_multiple=30", "watchdog.warmup_steps=1", "watchdog.grace_s=20"]
+    cmd = [*args(tiny_data_dir, out, "ddp", *dog, accumulation=1), fault("sleep", seconds=120, step=4)]
+    proc = subprocess.run([sys.executable, *cmd], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == EXIT_HUNG, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "watchdog.median_multiple=30 x the median step time" in proc.stderr
+    header = json.loads((out / "hang" / "rank1.txt").read_text().splitlines()[0])
+    assert header["limit_s"] > 2 and header["idle_s"] >= header["limit_s"] and header["completed_steps"] == 3
+    assert "in _sleep" in (out / "hang" / "rank1.txt").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_slow_rank_is_reported_as_a_straggler_and_training_finishes(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """Rank 1 sleeps 2 s in every step from step 2 on: reported every 2 steps, the run finishes."""
+    out = tmp_path / "run"
+    slow = fault("slow", seconds=2, step=2)
+    proc = run_script(args(tiny_data_dir, out, "ddp", "watchdog.straggler_every=2", slow, accumulation=1))
+    lines = [line for line in proc.stdout.splitlines() if "straggler(s)" in line]
+    assert [line.split(":")[1].strip() for line in lines] == ["step 2", "step 4", "step 6"], lines
+    assert all("rank 1 " in line and "rank 0 " not in line for line in lines)
+    assert json.loads((out / "summary.json").read_text())["steps"] == STEPS
+    assert float(logged(out)[STEPS - 1]["watchdog/straggler_ratio"]) > 2

@@ -253,3 +253,18 @@ def test_remote_shards_get_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "skipping" warning: the second try worked
         assert batches(PackedStream(piped, SAMPLE_LEN, 2, shuffle=False, infinite=False)) == [[0, 1], [2, 3]]
+
+
+def test_sample_keys_name_shard_and_index_at_any_world_size(tmp_path: Path) -> None:
+    """A sample's key is shard index * 2**32 + its index within the shard, whatever rank serves it."""
+    sizes = [7, 13, 9]
+    shards = make_shards(tmp_path, sizes)
+    first = np.cumsum([0, *sizes])  # sample id (first token) of each shard's sample 0
+    for world in (1, 2):
+        for rank in range(world):
+            stream = PackedStream(shards, SAMPLE_LEN, 3, rank, world, seed=1, infinite=False, mix_shards=2)
+            for b in stream:
+                keys = b["sample_keys"]
+                assert keys.dtype == torch.int64 and keys.shape == (3,)
+                ids = [int(first[k >> 32] + (k & (2**32 - 1))) for k in keys.tolist()]
+                assert ids == b["tokens"][:, 0].tolist()

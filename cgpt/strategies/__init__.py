@@ -22,6 +22,7 @@ from cgpt.strategies.build import (
     strategy_spec_of,
 )
 from cgpt.strategies.clipping import clip_grad_norm, grad_norm
+from cgpt.strategies.ddp import average_ddp_gradients
 from cgpt.strategies.registry import KINDS, SPECS, StrategySpec, spec_for, validate_strategy_config
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "SPECS",
     "StrategySpec",
     "apply_activation_checkpointing",
+    "average_ddp_gradients",
     "build_strategy",
     "clip_grad_norm",
     "clipped_grad_norm",

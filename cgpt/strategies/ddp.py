@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
@@ -28,3 +29,15 @@ class CgptDDPStrategy(DDPStrategy):
         if self.activation_checkpointing and getattr(self.lightning_module, "model", None) is not None:
             apply_activation_checkpointing(self.lightning_module.model)
         return super()._setup_model(model)
+
+
+def average_ddp_gradients(strategy: Any, params: list[torch.Tensor]) -> None:
+    """Average local gradients over the ranks as DDP's reducer does (divide by the world size, then
+    sum), for gradients computed outside the DDP wrapper; nothing under other strategies."""
+    if not isinstance(strategy, DDPStrategy) or strategy.world_size < 2:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch._utils._flatten_dense_tensors(grads).div_(strategy.world_size)
+    torch.distributed.all_reduce(flat)
+    for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        grad.copy_(reduced)
