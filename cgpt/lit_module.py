@@ -149,8 +149,9 @@ class CerebrasGPTModule(L.LightningModule):
         return self.model(idx)
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        tokens = batch["tokens"]
-        return self.model.loss(tokens[:, :-1], tokens[:, 1:])
+        """A training micro-batch's loss (fine-tuning overrides it): the training step and the guard's
+        recomputation of a step both call it."""
+        return self.training_loss(batch["tokens"], batch.get("sample_keys"))
 
     def training_loss(self, tokens: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token loss over the tokens of the samples that are not quarantined.
@@ -174,7 +175,7 @@ class CerebrasGPTModule(L.LightningModule):
         self.excluded_keys = torch.tensor(sorted(keys), dtype=torch.int64, device=self.device) if keys else None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.training_loss(batch["tokens"], batch.get("sample_keys"))
+        loss = self._loss(batch)
         if self.keep_step_batches:
             self._step_batches.append(batch)
         # No host-device sync per step: Lightning turns prog_bar values into Python numbers after
@@ -202,7 +203,8 @@ class CerebrasGPTModule(L.LightningModule):
         return bool(every) and step % every == 0 or (trainer.max_steps or 0) > 0 and step >= trainer.max_steps
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
+        tokens = batch["tokens"]  # every sample: quarantine keys name training samples
+        loss = self.model.loss(tokens[:, :-1], tokens[:, 1:])
         # Batches are equal-sized, so the mean of batch means is the per-token mean.
         self._log_val_loss(loss, 1)
         return loss
@@ -285,7 +287,7 @@ class CerebrasGPTModule(L.LightningModule):
         total = torch.zeros((), device=self.device)
         with trainer.precision_plugin.train_step_context():  # autocast as in the training step
             for batch in self._step_batches:
-                loss = self.training_loss(batch["tokens"], batch.get("sample_keys")) / n  # as Lightning divides
+                loss = self._loss(batch) / n  # as Lightning divides
                 loss.backward()  # the raw module, not the DDP wrapper: local gradients (FSDP2 reduces itself)
                 total = total + loss.detach().float()
         average_ddp_gradients(trainer.strategy, params)
