@@ -61,6 +61,7 @@ class CerebrasGPTModule(L.LightningModule):
         self.seq_len: int | None = None  # set by set_runtime(); used for FLOPs per token (MFU)
         self.lora = dict(lora) if lora and lora.get("enabled", True) else None
         self.init_from: str | None = None  # set by set_init_from(); not a hyperparameter
+        self._step_loss: tuple[int, torch.Tensor, int] | None = None  # (step, sum, micro-batches) of train/loss
         self._val_sums: torch.Tensor | None = None  # (sum of weighted losses, weight) this validation
         self.rng_after_build: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see configure_model
         # Called with each optimizer step's pre-clip global gradient norm; True drops the update
@@ -182,10 +183,29 @@ class CerebrasGPTModule(L.LightningModule):
         # every batch, and a Python float logged on a GPU is a blocking host-to-device copy. So no
         # prog_bar here and host-side values go in as CPU tensors.
         if self._logging_step():
-            self.log("train/loss", loss)
-            self.log("train/ppl", torch.exp(loss.detach()))
-            self.log("tokens_seen", torch.tensor((self.global_step + 1) * self.tokens_per_step, dtype=torch.float64))
+            self._log_step_loss(loss.detach())
         return loss
+
+    def _log_step_loss(self, loss: torch.Tensor) -> None:
+        """Log ``train/loss`` (and ``train/ppl``): the optimizer step's loss, the mean over its
+        micro-batches (summed on the device as they come) and over the ranks (one all-reduce, on the
+        step's last micro-batch). Micro-batches hold equal token counts, so this is the global batch's
+        mean at any world size, micro-batch or accumulation: a run resumed at another world size logs
+        the same values."""
+        step = self.global_step
+        if self._step_loss is None or self._step_loss[0] != step:
+            self._step_loss = (step, torch.zeros_like(loss), 0)
+        _, total, count = self._step_loss
+        self._step_loss = (step, total + loss, count + 1)
+        mean = self._step_loss[1] / self._step_loss[2]
+        if self._trainer is not None:
+            if self.trainer.fit_loop._should_accumulate():
+                return
+            mean = self.trainer.strategy.reduce(mean, reduce_op="mean")  # every rank is here: same step
+        self._step_loss = None
+        self.log("train/loss", mean)
+        self.log("train/ppl", torch.exp(mean))
+        self.log("tokens_seen", torch.tensor((step + 1) * self.tokens_per_step, dtype=torch.float64))
 
     def _logging_step(self, step: int | None = None) -> bool:
         """Whether the optimizer step being computed is one whose logged values are written

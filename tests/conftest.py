@@ -120,6 +120,16 @@ def single_process_run(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFac
     return out, run_script(pretrain_args(tiny_data_dir, out, "auto", 1, SAMPLE_ON), timeout=300)
 
 
+@pytest.fixture(scope="session")
+def ddp_run(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted 2-process DDP run (pretrain_args: micro-batch 4 of a global batch of 8, no
+    accumulation) with its data trace in ``<out>/trace.rank*`` (CGPT_DATA_TRACE): the strategy tests'
+    reference and the world-size resume test's. Shared, so read-only. Returns its output folder."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    run_script(pretrain_args(tiny_data_dir, out, "ddp", 2), timeout=400, env={"CGPT_DATA_TRACE": str(out / "trace")})
+    return out
+
+
 def train(data_dir: Path, out: Path, strategy: str, devices: int = 2, *extra: str, timeout: float = 400):
     return run_script(pretrain_args(data_dir, out, strategy, devices, *extra), timeout=timeout)
 
@@ -145,6 +155,43 @@ def losses(out: Path) -> dict[int, float]:
     result: dict[int, float] = {}
     for version in _csv_versions(out):
         result.update(_csv_losses(version))
+    return result
+
+
+def trace_lines(path: Path) -> list[tuple[int, list[int]]]:
+    """One CGPT_DATA_TRACE file (one rank): ``(global batch, sample keys)`` per micro-batch, in order."""
+    rows = []
+    for line in path.read_text().splitlines():
+        global_batch, _, _, keys = line.split()
+        rows.append((int(global_batch), [int(k) for k in keys.split(",")]))
+    return rows
+
+
+def ledger(rows: list[tuple[int, list[int]]]) -> dict[int, list[int]]:
+    """The sorted sample keys of each global batch (the union over ranks and micro-batches)."""
+    out: dict[int, list[int]] = {}
+    for global_batch, keys in rows:
+        out.setdefault(global_batch, []).extend(keys)
+    return {g: sorted(k) for g, k in sorted(out.items())}
+
+
+def trace_ledger(trace: Path) -> dict[int, list[int]]:
+    """The ledger of a run's trace files ``<trace>.rank*`` (CGPT_DATA_TRACE=<trace>)."""
+    return ledger([row for part in trace.parent.glob(trace.name + ".rank*") for row in trace_lines(part)])
+
+
+def grad_norms(out: Path) -> dict[int, float]:
+    """Per step: the logged pre-clip norm of the (all-reduced) gradient of the global batch, over all
+    CSV logs in ``out`` (a later run's value of a step wins)."""
+    result: dict[int, float] = {}
+    for version in _csv_versions(out):
+        with open(version / "metrics.csv") as f:
+            for row in csv.DictReader(f):
+                try:  # the last row of a killed run may be cut short
+                    if row.get("grad_norm"):
+                        result[int(row["step"])] = float(row["grad_norm"])
+                except (TypeError, ValueError):
+                    continue
     return result
 
 

@@ -112,11 +112,11 @@ EXTRA = {"fsdp": AC, "deepspeed_stage_3": AC}
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One uninterrupted 2-process run per strategy (6 steps, checkpoints every 2)."""
+def runs(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory, ddp_run: Path) -> dict[str, Path]:
+    """One uninterrupted 2-process run per strategy (6 steps, checkpoints every 2); DDP's is the session's."""
     root = tmp_path_factory.mktemp("strategies")
-    out = {}
-    for name in STRATEGIES:
+    out = {"ddp": ddp_run}
+    for name in STRATEGIES[1:]:
         out[name] = root / name
         train(tiny_data_dir, out[name], name, 2, *EXTRA.get(name, []))
     return out
