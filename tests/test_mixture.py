@@ -1,0 +1,126 @@
+"""Weighted data mixtures: the slot plan (exact shares over every prefix, schedules, the ledger) and
+the checks that refuse a bad mixture before training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cgpt.config import ConfigError
+from cgpt.data.mixture import MixturePlan, WeightChange, check_source_folders, parse_mixture
+
+
+def _shares_plan(global_batch: int = 32) -> MixturePlan:
+    return MixturePlan(["web", "code", "books"], [0.6, 0.3, 0.1], global_batch)
+
+
+def test_shares_stay_within_a_tenth_of_a_percent_and_one_sample_of_every_prefix() -> None:
+    # Sources of very different sizes: the plan depends on the weights only, the ledger on the sizes.
+    plan = _shares_plan(32)
+    batches = -(-10_000 // 32)
+    got = plan.consumed(batches)
+    shares = got / got.sum()
+    assert np.abs(shares - [0.6, 0.3, 0.1]).max() < 0.001, shares
+    per_batch = np.stack([plan.slots(b) for b in range(batches)])
+    assert (per_batch.sum(axis=1) == 32).all() and (per_batch >= 0).all()
+    realised = np.cumsum(per_batch, axis=0)
+    target = np.cumsum(np.full((batches, 3), 32.0) * [0.6, 0.3, 0.1], axis=0)
+    assert np.abs(realised - target).max() < 1.0  # every prefix, not just the end
+    ledger = plan.ledger(batches, epoch_samples=[100_000, 2_000, 50])
+    assert ledger.epochs.tolist() == [0, got[1] // 2_000, got[2] // 50]
+    assert ledger.epochs[2] == 20 and ledger.position[2] == got[2] - 20 * 50
+
+
+def test_blocks_tile_the_global_batch_in_source_order() -> None:
+    plan = _shares_plan(10)
+    for b in range(5):
+        blocks = plan.blocks(b)
+        assert blocks[0][1] == 0 and blocks[-1][2] == 10
+        assert all(a[2] == b_[1] for a, b_ in zip(blocks, blocks[1:]))
+        assert [n for n, _, _ in blocks] == [n for n, k in zip(plan.names, plan.slots(b)) if k]
+
+
+def test_plan_does_not_depend_on_how_it_was_computed() -> None:
+    # a resumed run computes the plan afresh, straight to its position: it must agree batch for batch
+    once = _shares_plan(7).consumed(500)
+    stepwise = _shares_plan(7)
+    for b in range(1, 501, 37):
+        stepwise.consumed(b)
+    assert stepwise.consumed(500).tolist() == once.tolist()
+
+
+def test_schedule_switches_weights_at_the_given_step() -> None:
+    change = WeightChange(step=40, weights={"web": 0.2, "books": 0.8})  # code: 0 from step 40
+    plan = MixturePlan(["web", "code", "books"], [0.6, 0.3, 0.1], 16, [change])
+    assert np.allclose(plan.weights_at(39), [0.6, 0.3, 0.1])
+    assert np.allclose(plan.weights_at(40), [0.2, 0.0, 0.8])
+    before, after = plan.consumed(40), plan.consumed(140) - plan.consumed(40)
+    assert abs(before[1] - 40 * 16 * 0.3) < 1
+    assert after[1] == 0  # no code sample once its weight is zero
+    assert abs(after[2] / after.sum() - 0.8) < 0.01
+    assert np.abs(plan.consumed(140) - plan.targets(140)).max() <= 1.0
+
+
+def test_epoch_rollover_is_counted_per_source() -> None:
+    plan = MixturePlan(["big", "small"], [0.5, 0.5], 8)
+    ledger = plan.ledger(10, epoch_samples=[1000, 15])  # small: 40 samples = 2 epochs + 10
+    assert ledger.samples.tolist() == [40, 40]
+    assert ledger.epochs.tolist() == [0, 2] and ledger.position.tolist() == [40, 10]
+    assert ledger.as_dict()["small"] == {"samples": 40, "epochs": 2, "position": 10}
+
+
+@pytest.mark.parametrize(
+    ("sources", "schedule", "data_dir", "message"),
+    [
+        ([{"name": "a", "dir": "x", "weight": -1}], None, None, "must be a finite number >= 0"),
+        ([{"name": "a", "dir": "x", "weight": 0}, {"name": "b", "dir": "y", "weight": 0}], None, None, "sum to zero"),
+        ([{"name": "a", "dir": "x"}, {"name": "a", "dir": "y"}], None, None, "duplicate source name"),
+        ([{"name": "a", "dir": "x"}], [{"step": 5, "weights": {"b": 1}}], None, "unknown source name(s) ['b']"),
+        ([{"name": "a", "dir": "x"}], [{"step": 5, "weights": {"a": 0}}], None, "sum to zero"),
+        ([{"name": "a", "dir": "x"}], None, "data/prepared/mine", "data.dir and data.sources are both set"),
+        ([{"name": "a"}], None, None, "needs a name, a dir and a weight"),
+        (None, None, None, "no training data"),
+    ],
+)
+def test_bad_mixture_configs_are_refused(sources, schedule, data_dir, message) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_mixture(sources, schedule, data_dir)
+    assert message in str(e.value)
+
+
+def test_data_dir_alone_is_a_one_source_mixture() -> None:
+    sources, schedule = parse_mixture(None, None, "data/prepared/shakespeare")
+    assert [(s.name, s.dir, s.weight) for s in sources] == [("shakespeare", "data/prepared/shakespeare", 1.0)]
+    assert schedule == []
+
+
+def _copy_meta(src: Path, dst: Path, **changes: object) -> Path:
+    dst.mkdir()
+    meta = json.loads((src / "meta.json").read_text())
+    (dst / "meta.json").write_text(json.dumps({**meta, **changes}))
+    return dst
+
+
+def test_bad_source_folders_are_refused(tiny_data_dir: Path, tmp_path: Path) -> None:
+    good = dict(name="a", dir=str(tiny_data_dir), weight=1)
+    other_seq = _copy_meta(tiny_data_dir, tmp_path / "seq", seq_len=128)
+    other_tok = _copy_meta(tiny_data_dir, tmp_path / "tok", tokenizer="llama")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(tiny_data_dir, unfinished)
+    (unfinished / "meta.json").unlink()
+    cases = {
+        str(tmp_path / "absent"): "not found; prepare it with data/prepare.py",
+        str(unfinished): "has no meta.json",
+        str(other_seq): "sequence lengths 64 and 128",
+        str(other_tok): "different tokenizers",
+    }
+    for folder, message in cases.items():
+        sources, _ = parse_mixture([good, dict(name="b", dir=folder, weight=1)])
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            check_source_folders(sources)
+    sources, _ = parse_mixture([good, dict(name="b", dir=str(tiny_data_dir), weight=2)])
+    assert len(check_source_folders(sources)) == 2
