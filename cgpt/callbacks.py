@@ -162,12 +162,22 @@ class ProgressPrinter(L.Callback):
         if trainer.sanity_checking or "val/loss" not in trainer.callback_metrics:
             return
         loss = _scalar(trainer.callback_metrics["val/loss"])
-        self._print(trainer, f"step {trainer.global_step}: val loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.1f})")
+        line = f"step {trainer.global_step}: val loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.1f})"
+        per_source = source_losses(trainer.callback_metrics)
+        if per_source:
+            line += " | " + ", ".join(f"{name} {value:.4f}" for name, value in per_source.items())
+        self._print(trainer, line)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def source_losses(metrics: dict[str, Any]) -> dict[str, float]:
+    """The validation loss of each source (``val/loss/<source>``) in logged ``metrics``."""
+    prefix = "val/loss/"
+    return {k[len(prefix) :]: _scalar(v) for k, v in metrics.items() if k.startswith(prefix)}
 
 
 def _bad_shards(datamodule: Any) -> int:
@@ -213,6 +223,7 @@ class RunSummary(L.Callback):
             "train_loss": _scalar(m.get("train/loss", self.last_train_loss)),
             "val_loss": _scalar(m.get("val/loss")),
             "val_ppl": _scalar(m.get("val/ppl")),
+            "val_loss_per_source": source_losses(m),
             "steps": trainer.global_step,
             "steps_this_run": steps_run,
             "tokens_seen": trainer.global_step * pl_module.tokens_per_step,

@@ -93,15 +93,47 @@ def pretrain_components(config: dict[str, Any]) -> tuple[Any, Any]:
     module = CerebrasGPTModule(**_module_kwargs(config))
     module.set_init_from(config.get("init_from"))
     d = config["data"]
+    train_dir, val_sources = training_sources(d)
     datamodule = PackedDataModule(
-        data_dir=d["dir"], micro_batch_size=d["micro_batch_size"], num_workers=d["num_workers"],
+        data_dir=train_dir, micro_batch_size=d["micro_batch_size"], num_workers=d["num_workers"],
         seed=config["seed"], shard_url=d["shard_url"], val_batches=d["val_batches"], mix_shards=d.get("mix_shards", 4),
+        val_sources=val_sources,
     )  # fmt: skip
     datamodule.validate(d["seq_len"], module.model_config.vocab_size, block_size=module.model_config.block_size)
+    names = datamodule.val_names
+    module.set_val_sources(names, [1.0] + [0.0] * (len(names) - 1))  # val/loss stays the training data's
     if config.get("init_from"):
         m = datamodule.meta
         _print_tokenizer_notes(config["init_from"], m.tokenizer, m.vocab_size, m.eos_id)
     return module, datamodule
+
+
+def training_sources(data: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:
+    """The folder to train on and the extra ``(name, dir)`` folders to validate on, from the data
+    config (``dir`` or ``sources`` + ``schedule``, and ``val_sources``), checked before training:
+    a :class:`~cgpt.config.ConfigError` says what to fix (see :func:`cgpt.data.mixture.parse_mixture`
+    and :func:`cgpt.data.mixture.check_source_folders`)."""
+    from cgpt.config import ConfigError
+    from cgpt.data.mixture import check_source_folders, parse_mixture
+
+    sources, schedule = parse_mixture(data.get("sources"), data.get("schedule"), data.get("dir"))
+    extra = []
+    for i, v in enumerate(data.get("val_sources") or ()):
+        if not isinstance(v, dict) or not v.get("name") or not v.get("dir"):
+            raise ConfigError(f"data.val_sources[{i}] = {v!r}: each entry needs a name and a dir")
+        extra.append((str(v["name"]), str(v["dir"])))
+    names = [n for n, _ in extra]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"data.val_sources: duplicate name(s) in {names}; give each folder its own name")
+    if data.get("sources"):
+        check_source_folders(sources)
+    if len(sources) > 1 or schedule:
+        raise ConfigError(
+            f"data.sources names {len(sources)} sources: training on a weighted mixture needs the mixture data "
+            "stream, which this version does not have yet (the plan is cgpt/data/mixture.py). Train on one "
+            "folder (data.dir) and score the others at each validation with data.val_sources: [{name, dir}, ...]"
+        )
+    return sources[0].dir, extra
 
 
 def finetune_components(config: dict[str, Any]) -> tuple[Any, Any]:

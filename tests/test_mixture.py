@@ -124,3 +124,74 @@ def test_bad_source_folders_are_refused(tiny_data_dir: Path, tmp_path: Path) -> 
             check_source_folders(sources)
     sources, _ = parse_mixture([good, dict(name="b", dir=str(tiny_data_dir), weight=2)])
     assert len(check_source_folders(sources)) == 2
+
+
+# --- validation per source ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def other_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Other Shakespeare works than tiny_data_dir's, prepared the same way: a second source."""
+    import gzip
+
+    from conftest import CORPUS
+
+    from cgpt.data.prepare import prepare
+
+    src = tmp_path_factory.mktemp("corpus2") / "other.jsonl"
+    with gzip.open(CORPUS, "rt") as f, open(src, "w") as out:
+        for i, line in zip(range(9), f):
+            if i >= 6:
+                out.write(line)
+    out_dir = tmp_path_factory.mktemp("prepared2")
+    prepare([str(src)], out_dir, seq_len=64, val_every=3, shard_size_mb=0.1, log=lambda m: None)
+    return out_dir
+
+
+def test_per_source_validation_losses_equal_evaluate_py(
+    tiny_data_dir: Path, other_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import lightning as L
+
+    from cgpt.callbacks import ProgressPrinter, RunSummary
+    from cgpt.cli.evaluate import main as evaluate
+    from cgpt.data.datamodule import PackedDataModule
+    from cgpt.lit_module import CerebrasGPTModule
+    from cgpt.training import training_sources
+
+    data = {"dir": str(tiny_data_dir), "val_sources": [{"name": "other", "dir": str(other_data_dir)}]}
+    train_dir, extra = training_sources(data)
+    L.seed_everything(0)
+    module = CerebrasGPTModule({"name": "cerebras-gpt-tiny", "block_size": 64}, fused_loss=False)
+    datamodule = PackedDataModule(train_dir, micro_batch_size=4, val_batches=3, val_sources=extra)
+    assert datamodule.val_names == [None, "other"]
+    module.set_val_sources(["main", "other"], [0.75, 0.25])  # name the training folder too, and mix
+    summary, progress = RunSummary(str(tmp_path / "summary.json")), ProgressPrinter(bar=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[summary, progress],
+    )  # fmt: skip
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    line = capsys.readouterr().out.strip().splitlines()[-1]  # the progress line names every source
+    assert line.startswith("step 0: val loss") and " | main " in line and ", other " in line, line
+    ckpt = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(ckpt)
+    m = trainer.callback_metrics
+    for name, folder in (("main", tiny_data_dir), ("other", other_data_dir)):
+        ref = evaluate(["--model", str(ckpt), "--data", str(folder), "--batch-size", "4", "--max-batches", "3"])
+        assert float(m[f"val/loss/{name}"]) == pytest.approx(ref["validation"]["loss"], rel=1e-5)
+    mixture = 0.75 * float(m["val/loss/main"]) + 0.25 * float(m["val/loss/other"])
+    assert float(m["val/loss"]) == pytest.approx(mixture, rel=1e-6)
+    assert float(m["val/loss/main"]) != pytest.approx(float(m["val/loss/other"]), rel=1e-3)  # two sources indeed
+    written = summary.write(trainer, module)
+    assert set(written["val_loss_per_source"]) == {"main", "other"}
+
+
+def test_several_training_sources_are_refused_until_the_stream_mixes(tiny_data_dir: Path, other_data_dir: Path):
+    from cgpt.training import training_sources
+
+    two = [{"name": "a", "dir": str(tiny_data_dir), "weight": 2}, {"name": "b", "dir": str(other_data_dir)}]
+    with pytest.raises(ConfigError, match="data.val_sources"):
+        training_sources({"dir": None, "sources": two})
+    one = training_sources(
+        {"dir": None, "sources": two[:1], "val_sources": [{"name": "b", "dir": str(other_data_dir)}]}
+    )
+    assert one == (str(tiny_data_dir), [("b", str(other_data_dir))])

@@ -6,7 +6,7 @@ import os
 import sys
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,9 @@ class PackedDataModule(L.LightningDataModule):
         val_batches: cap on validation micro-batches per rank (``None``: the whole split).
         mix_shards: training shards shuffled together, so each micro-batch mixes this many
             shards (each dataloader worker holds as many in memory).
+        val_sources: more prepared folders, ``(name, dir)``, whose validation splits are scored
+            separately at each validation (``val/loss/<name>``); validation then has one loader
+            per folder, ``data_dir``'s first.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class PackedDataModule(L.LightningDataModule):
         shard_url: str | None = None,
         val_batches: int | None = None,
         mix_shards: int = 4,
+        val_sources: Sequence[tuple[str, str]] = (),
     ) -> None:
         super().__init__()
         self.data_dir = str(data_dir)
@@ -74,6 +78,8 @@ class PackedDataModule(L.LightningDataModule):
         self.val_batches = val_batches
         self.mix_shards = mix_shards
         self.meta = DatasetMeta.load(self.data_dir)
+        self.val_sources = [(str(name), str(folder)) for name, folder in val_sources]
+        self._val_metas = [self.meta] + [DatasetMeta.load(folder) for _, folder in self.val_sources]
         self.consumed_micro_batches = 0  # of this rank; saved in checkpoints for exact resume
         self.bad_shard_names: set[str] = set()  # unreadable shards skipped (also saved in checkpoints)
         self._resume_from: dict[str, Any] | None = None
@@ -129,6 +135,20 @@ class PackedDataModule(L.LightningDataModule):
                         f"(e.g. {missing[0]}); they will be skipped and counted as bad shards",
                         stacklevel=2,
                     )
+        for name, folder in self.val_sources:
+            m = DatasetMeta.load(folder)
+            if (m.tokenizer, m.seq_len) != (self.meta.tokenizer, self.meta.seq_len):
+                raise DataMismatchError(
+                    f"validation source {name!r} ({folder}): tokenizer {m.tokenizer!r} and seq_len {m.seq_len} differ "
+                    f"from the training data's ({self.meta.tokenizer!r}, {self.meta.seq_len}); prepare it the same way"
+                )
+            if not sum(int(s["samples"]) for s in m.shards("val")):
+                raise DataMismatchError(f"validation source {name!r} ({folder}): the val split is empty")
+
+    @property
+    def val_names(self) -> list[str | None]:
+        """What each validation loader scores: None for ``data_dir`` (``val/loss``), else a name."""
+        return [None] + [name for name, _ in self.val_sources]
 
     @property
     def seq_len(self) -> int:
@@ -153,7 +173,12 @@ class PackedDataModule(L.LightningDataModule):
         return len(names)
 
     # --- loaders -----------------------------------------------------------------------------
-    def _shards(self, split: str) -> list[Shard]:
+    def _shards(self, split: str, source: int = 0) -> list[Shard]:
+        """The shards of ``split`` of ``data_dir`` (source 0) or of validation source ``source``
+        (read from its own folder: ``shard_url`` is ``data_dir``'s)."""
+        if source:
+            folder, meta = self.val_sources[source - 1][1], self._val_metas[source]
+            return [Shard(str(Path(folder) / s["name"]), int(s["samples"]), s.get("crc32")) for s in meta.shards(split)]
         out = []
         for s in self.meta.shards(split):
             url = self.shard_url.format(name=s["name"]) if self.shard_url else str(Path(self.data_dir) / s["name"])
@@ -166,7 +191,7 @@ class PackedDataModule(L.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
-    def _loader(self, dataset: PackedStream, split: str) -> DataLoader:
+    def _loader(self, dataset: PackedStream, split: str, source: int = 0) -> DataLoader:
         loader = PackedLoader(
             dataset,
             batch_size=None,  # the stream yields whole micro-batches
@@ -175,7 +200,7 @@ class PackedDataModule(L.LightningDataModule):
             persistent_workers=False,
             prefetch_factor=4 if self.num_workers > 0 else None,
         )
-        loader.on_skip = lambda batch: self._note_bad_shards(batch.get("bad_shards"), split)
+        loader.on_skip = lambda batch: self._note_bad_shards(batch.get("bad_shards"), split, source)
         return loader
 
     def train_dataloader(self) -> DataLoader:
@@ -188,13 +213,17 @@ class PackedDataModule(L.LightningDataModule):
         )  # fmt: skip
         return self._loader(stream, "train")
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """One loader over ``data_dir``'s val split; with ``val_sources``, one loader per folder."""
         rank, world = self._rank_world()
-        stream = PackedStream(
-            self._shards("val"), self.meta.sample_len, self.micro_batch_size, rank, world,
-            seed=self.seed, shuffle=False, infinite=False, max_batches=self.val_batches,
-        )  # fmt: skip
-        return self._loader(stream, "val")
+        loaders = []
+        for source in range(len(self._val_metas)):
+            stream = PackedStream(
+                self._shards("val", source), self.meta.sample_len, self.micro_batch_size, rank, world,
+                seed=self.seed, shuffle=False, infinite=False, max_batches=self.val_batches,
+            )  # fmt: skip
+            loaders.append(self._loader(stream, "val", source))
+        return loaders if self.val_sources else loaders[0]
 
     # --- the data position -------------------------------------------------------------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -202,7 +231,7 @@ class PackedDataModule(L.LightningDataModule):
             return batch
         trainer = getattr(self, "trainer", None)
         split = "train" if trainer is None or trainer.training else "val"
-        self._note_bad_shards(batch.pop("bad_shards", None), split)
+        self._note_bad_shards(batch.pop("bad_shards", None), split, dataloader_idx if split == "val" else 0)
         index = batch.pop("batch_index", None)
         if index is not None and trainer is not None and trainer.training:
             self.consumed_micro_batches = int(index) + 1
@@ -210,13 +239,15 @@ class PackedDataModule(L.LightningDataModule):
                 self._trace(int(index), batch["tokens"])
         return batch
 
-    def _note_bad_shards(self, ids: Any, split: str) -> None:
-        """Record (and report once) the shards of ``split`` a worker found unreadable."""
+    def _note_bad_shards(self, ids: Any, split: str, source: int = 0) -> None:
+        """Record (and report once) the shards of ``split`` (of validation source ``source``) a worker
+        found unreadable."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids or ())
         if not ids:
             return
-        shards = self.meta.shards(split)
-        new = {shards[int(i)]["name"] for i in ids} - self.bad_shard_names
+        shards = self._val_metas[source].shards(split)
+        prefix = f"{self.val_sources[source - 1][0]}/" if source else ""  # shard names repeat across folders
+        new = {prefix + shards[int(i)]["name"] for i in ids} - self.bad_shard_names
         if new:
             self.bad_shard_names |= new
             rank = self._rank_world()[0]
