@@ -180,6 +180,14 @@ def source_losses(metrics: dict[str, Any]) -> dict[str, float]:
     return {k[len(prefix) :]: _scalar(v) for k, v in metrics.items() if k.startswith(prefix)}
 
 
+def _zero_shot(trainer: L.Trainer) -> dict[str, Any]:
+    """``{"zero_shot": latest scores}`` when the run scores zero-shot tasks (cgpt.zero_shot), else {}."""
+    from cgpt.zero_shot import ZeroShotEval
+
+    found = [c for c in trainer.callbacks if isinstance(c, ZeroShotEval)]
+    return {"zero_shot": found[0].summary()} if found else {}
+
+
 def _bad_shards(datamodule: Any) -> int:
     """Unreadable shards the data module skipped, over all ranks (a collective: every rank calls it)."""
     if hasattr(datamodule, "bad_shards_all_ranks"):
@@ -232,6 +240,7 @@ class RunSummary(L.Callback):
             "wall_time_sec": wall,
             "num_params": pl_module.model.num_params() if pl_module.model is not None else None,
             "bad_shards_skipped": _bad_shards(trainer.datamodule),
+            **_zero_shot(trainer),
             **extra,
             "config": self.config,
         }

@@ -42,6 +42,7 @@ from cgpt.startup import held_signals, release_signals
 from cgpt.strategies import build_strategy
 from cgpt.watchdog import build_watchdog
 from cgpt.weights import resume_checkpoint
+from cgpt.zero_shot import ZeroShotEval
 
 Components = Callable[[dict[str, Any]], tuple[Any, Any]]
 
@@ -223,6 +224,10 @@ def build(
             callbacks[-1].handle(signum)
     else:
         release_signals()
+    zero_shot = config.get("eval") or {}
+    if zero_shot.get("tasks"):  # zero-shot task files scored every N validations (cgpt/zero_shot.py)
+        callbacks.append(ZeroShotEval(zero_shot["tasks"], zero_shot.get("every_n_validations", 1),
+                                      zero_shot.get("batch_size", 8), zero_shot.get("limit")))  # fmt: skip
     logger = instantiate(config.get("logger")) or False
     sample = config.get("sample")
     if logger and sample and sample.get("prompt"):  # a table of samples at each validation (W&B, TensorBoard)

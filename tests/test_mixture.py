@@ -195,3 +195,17 @@ def test_several_training_sources_are_refused_until_the_stream_mixes(tiny_data_d
         {"dir": None, "sources": two[:1], "val_sources": [{"name": "b", "dir": str(other_data_dir)}]}
     )
     assert one == (str(tiny_data_dir), [("b", str(other_data_dir))])
+
+
+def test_pile_config_has_the_published_weights(tmp_path: Path) -> None:
+    from test_configs import _compose
+
+    from cgpt.training import training_sources
+
+    cfg = _compose(tmp_path, ["data=pile"])
+    sources, _ = parse_mixture(list(cfg.data.sources), None, cfg.data.dir)
+    assert len(sources) == 22 and len({s.dir for s in sources}) == 22
+    assert sum(s.weight for s in sources) == pytest.approx(100.0, abs=1e-9)  # Table 1's column adds up
+    assert [s.weight for s in sources][:3] == [18.11, 14.40, 12.07]
+    with pytest.raises(ConfigError, match="pile_cc.*prepare it with data/prepare.py"):  # not prepared here
+        training_sources(dict(cfg.data))
