@@ -58,9 +58,17 @@ def _check_run(out: Path) -> None:
 @pytest.mark.slow
 def test_in_loop_scores_equal_evaluate_py(tiny_data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = train(tiny_data_dir, out, "auto", 1, EVAL)
+    # the same run also checks data.val_sources end to end (config -> loaders -> log -> summary):
+    # the training folder again under another name, so its loss must equal val/loss
+    val_sources = f"data.val_sources=[{{name: again, dir: {tiny_data_dir}}}]"
+    proc = train(tiny_data_dir, out, "auto", 1, EVAL, val_sources)
     assert "step 4: zero-shot tiny_multiple_choice acc" in proc.stdout
     _check_run(out)
+    assert "| again " in proc.stdout  # the progress line after a validation
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val_loss_per_source"]["again"] == pytest.approx(summary["val_loss"], rel=1e-6)
+    with open(out / "csv" / "version_0" / "metrics.csv") as f:
+        assert "val/loss/again" in next(csv.reader(f))
 
 
 @pytest.mark.slow
