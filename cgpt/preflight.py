@@ -23,8 +23,21 @@ class BatchPlan:
     accumulate_grad_batches: int
 
 
+def world_sizes(global_batch_size: int, micro_batch_size: int) -> list[int]:
+    """Data-parallel world sizes that split ``global_batch_size`` into whole micro-batches."""
+    if global_batch_size % micro_batch_size:
+        return []
+    steps = global_batch_size // micro_batch_size
+    return [w for w in range(1, steps + 1) if steps % w == 0]
+
+
 def plan_batch(global_batch_size: int, micro_batch_size: int, devices: int, num_nodes: int = 1) -> BatchPlan:
-    """Split ``global_batch_size`` into micro-batches x devices x nodes x accumulation steps."""
+    """Split ``global_batch_size`` into micro-batches x devices x nodes x accumulation steps.
+
+    The global batch is the run's (the preset's unless ``data.global_batch_size`` says otherwise)
+    whatever the world size: a resume on more or fewer devices recomputes the accumulation, and
+    keeps the data order (cgpt/data/stream.py). A world size that cannot split it is refused here,
+    before any process starts, with the device counts that work."""
     for key, value in (("global_batch_size", global_batch_size), ("micro_batch_size", micro_batch_size),
                        ("devices", devices), ("num_nodes", num_nodes)):  # fmt: skip
         if not isinstance(value, int) or value <= 0:
@@ -33,11 +46,15 @@ def plan_batch(global_batch_size: int, micro_batch_size: int, devices: int, num_
     per_pass = micro_batch_size * world
     if global_batch_size % per_pass:
         divisors = [m for m in range(1, global_batch_size + 1) if global_batch_size % (m * world) == 0]
+        per_node = [w // num_nodes for w in world_sizes(global_batch_size, micro_batch_size) if w % num_nodes == 0]
         raise ConfigError(
             f"data.global_batch_size={global_batch_size} is not divisible by data.micro_batch_size="
             f"{micro_batch_size} x trainer.devices={devices} x trainer.num_nodes={num_nodes} = {per_pass}. "
-            f"Micro-batch sizes that fit this world size: {divisors[-6:] or 'none'}; "
-            "or change data.global_batch_size."
+            f"Device counts that work with this micro-batch: trainer.devices in {per_node or 'none'}"
+            + (f" (with trainer.num_nodes={num_nodes})" if num_nodes > 1 else "")
+            + f", i.e. world sizes {world_sizes(global_batch_size, micro_batch_size)}; micro-batch sizes that fit "
+            f"this world size: {divisors[-6:] or 'none'}; or change data.global_batch_size (which changes the "
+            "run's data order and optimization)."
         )
     return BatchPlan(global_batch_size, micro_batch_size, world, global_batch_size // per_pass)
 

@@ -89,6 +89,7 @@ def _print_tokenizer_notes(source: str, tokenizer: str, vocab_size: int, eos_id:
 def pretrain_components(config: dict[str, Any]) -> tuple[Any, Any]:
     """The module and the packed-shard datamodule of pretraining (and continued pretraining)."""
     from cgpt.data.datamodule import PackedDataModule
+    from cgpt.data.stream import DEFAULT_PARTITIONS
     from cgpt.lit_module import CerebrasGPTModule
 
     module = CerebrasGPTModule(**_module_kwargs(config))
@@ -98,6 +99,7 @@ def pretrain_components(config: dict[str, Any]) -> tuple[Any, Any]:
     datamodule = PackedDataModule(
         data_dir=train_dir, micro_batch_size=d["micro_batch_size"], num_workers=d["num_workers"],
         seed=config["seed"], shard_url=d["shard_url"], val_batches=d["val_batches"], mix_shards=d.get("mix_shards", 4),
+        partitions=d.get("partitions", DEFAULT_PARTITIONS),
         val_sources=val_sources,
     )  # fmt: skip
     datamodule.validate(d["seq_len"], module.model_config.vocab_size, block_size=module.model_config.block_size)
@@ -187,6 +189,8 @@ def build(
     )  # fmt: skip
     check_environment(trainer_cfg["devices"], trainer_cfg["num_nodes"])  # srun tasks == devices x nodes
     module.set_runtime(datamodule.seq_len, plan.global_batch_size)
+    if hasattr(datamodule, "set_global_batch"):  # the packed order's row width (cgpt/data/stream.py)
+        datamodule.set_global_batch(plan.global_batch_size)
     precision_setting = trainer_cfg["precision"]
     trainer_cfg["precision"] = resolve_precision(precision_setting, trainer_cfg["accelerator"])
     fused_setting, head = module.fused_loss, None

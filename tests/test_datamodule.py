@@ -81,7 +81,7 @@ def test_state_dict_resumes_at_the_next_batch(data: Path, workers: int) -> None:
     first.trainer.training = False  # a batch seen outside training (validation) is not a position
     first.on_before_batch_transfer(batches[4], 0)
     state = first.state_dict()
-    assert state["consumed_micro_batches"] == 4
+    assert state["consumed_global_batches"] == 4 and state["consumed_samples"] == 16
     again = PackedDataModule(str(data), micro_batch_size=4, seed=3, num_workers=workers)
     again.load_state_dict(state)
     assert _ids(again.train_dataloader(), 5) == full[4:]
@@ -94,20 +94,69 @@ def test_bad_shards_are_counted_once_and_survive_resume(data: Path) -> None:
     (data / name).write_bytes(raw[:1000])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for _ in range(2):  # two epochs' worth of passes over the shard: still one bad shard
-            for b in dm.train_dataloader().dataset._epoch_batches(0, 0, 0, 0, 1, [0, 0]):
-                if b[2]:
-                    dm.on_before_batch_transfer({"tokens": torch.zeros(1), "bad_shards": torch.tensor(b[2])}, 0)
+        for _ in range(2):  # two passes over the epoch (and the shard): still one bad shard
+            stream = dm.train_dataloader().dataset
+            for _, b in zip(range(stream.batches_per_epoch), stream):
+                if b["bad_shards"]:
+                    dm.on_before_batch_transfer(
+                        {"tokens": torch.zeros(1), "bad_shards": torch.tensor(b["bad_shards"])}, 0
+                    )
     assert dm.bad_shards == 1 and dm.bad_shard_names == {name}
     resumed = PackedDataModule(str(data), micro_batch_size=4, seed=0)
     resumed.load_state_dict(dm.state_dict())
     assert resumed.bad_shards == 1
 
 
-def test_resume_with_another_layout_keeps_the_sample_position(data: Path) -> None:
-    first = PackedDataModule(str(data), micro_batch_size=4, seed=3)
-    first.consumed_micro_batches = 6
-    again = PackedDataModule(str(data), micro_batch_size=8, seed=3)
-    again.load_state_dict(first.state_dict())
-    with pytest.warns(UserWarning, match="another order"):
-        assert again._resume_batch(world=1) == 3  # 24 samples in
+def _consumed(dm: PackedDataModule, world: int, global_batches: int) -> dict:
+    """The checkpoint state of a run at ``world`` ranks after ``global_batches`` optimizer steps."""
+    dm.trainer = SimpleNamespace(training=True, global_rank=0, world_size=world)
+    accumulation = dm.train_dataloader().dataset.accumulation
+    dm.consumed_global_batches, dm.consumed_micro_batches = global_batches, global_batches * accumulation
+    return dm.state_dict()
+
+
+def _keys(dm: PackedDataModule, world: int, global_batches: int) -> list[list[int]]:
+    """Sorted sample keys of the next ``global_batches`` global batches, over ``world`` ranks."""
+    out: dict[int, list[int]] = {}
+    for rank in range(world):
+        dm.trainer = SimpleNamespace(training=True, global_rank=rank, world_size=world)
+        stream = dm.train_dataloader().dataset
+        for _, b in zip(range(global_batches * stream.accumulation), stream):
+            out.setdefault(b["global_batch"], []).extend(b["sample_keys"].tolist())
+    return [sorted(out[g]) for g in sorted(out)]
+
+
+def test_resume_at_another_world_size_is_exact(data: Path) -> None:
+    full = _keys(PackedDataModule(str(data), micro_batch_size=2, seed=3, global_batch_size=8), 2, 7)
+    state = _consumed(PackedDataModule(str(data), micro_batch_size=2, seed=3, global_batch_size=8), 2, 3)
+    assert state["consumed_samples"] == 24 and state["world_size"] == 2
+    again = PackedDataModule(str(data), micro_batch_size=2, seed=3, global_batch_size=8, num_workers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "another order" warning: the same order continues
+        again.load_state_dict(state)
+        assert _keys(again, 1, 4) == full[3:]
+
+
+def test_resume_with_another_global_batch_keeps_the_sample_position(data: Path) -> None:
+    state = _consumed(PackedDataModule(str(data), micro_batch_size=4, seed=3, global_batch_size=8), 1, 6)
+    again = PackedDataModule(str(data), micro_batch_size=4, seed=3, global_batch_size=16)
+    again.load_state_dict(state)
+    with pytest.warns(UserWarning, match="same 48 samples"):
+        assert again._resume_global_batch(16) == 3
+    old = {"consumed_micro_batches": 6, "micro_batch_size": 4, "world_size": 2, "seed": 3}  # the previous format
+    again.load_state_dict(old)
+    with pytest.warns(UserWarning, match="older order"):
+        assert again._resume_global_batch(16) == 3
+
+
+def test_resume_on_another_order_is_refused(data: Path) -> None:
+    state = _consumed(PackedDataModule(str(data), micro_batch_size=4, seed=3, global_batch_size=8), 1, 2)
+    for change in ({"seed": 4}, {"partitions": 2}, {"mix_shards": 1}):
+        other = PackedDataModule(str(data), **{"micro_batch_size": 4, "seed": 3, **change})
+        with pytest.raises(DataMismatchError, match=f"{next(iter(change))} .* -> "):
+            other.load_state_dict(state)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["splits"]["train"]["shards"].pop()  # a shard less: another preparation of the data
+    (data / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataMismatchError, match="another shard list .* start a new run"):
+        PackedDataModule(str(data), micro_batch_size=4, seed=3).load_state_dict(state)

@@ -68,3 +68,12 @@ def test_estimate_is_printed_by_the_preflight(capsys: pytest.CaptureFixture) -> 
     trainer = {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "precision": "32-true"}
     check_run(TINY, {"name": "auto"}, trainer, plan_batch(8, 4, 1), 64)
     assert "preflight: memory per device (auto)" in capsys.readouterr().out
+
+
+def test_a_world_size_that_cannot_split_the_global_batch_names_the_ones_that_can() -> None:
+    with pytest.raises(ConfigError, match=r"trainer.devices in \[1, 2, 4\].*world sizes \[1, 2, 4\]"):
+        plan_batch(16, 4, 3)
+    with pytest.raises(ConfigError, match=r"trainer.devices in \[1, 2\] \(with trainer.num_nodes=2\)"):
+        plan_batch(16, 4, 3, num_nodes=2)
+    assert plan_batch(16, 4, 2).accumulate_grad_batches == 2  # the global batch stays; accumulation adapts
+    assert plan_batch(16, 4, 1).accumulate_grad_batches == 4

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_resumed_at, kill_while_saving_last, losses, pretrain_args, run_script, weights
+from conftest import STEPS, assert_resumed_at, kill_while_saving_last, losses, pretrain_args, run_script, weights
 
 from cgpt.weights import is_complete_checkpoint, resume_checkpoint
 
@@ -85,3 +85,19 @@ def test_sigkill_while_writing_last_ckpt_then_rerun_is_bitwise_identical(
     assert all(got[step] == ref[step] for step in got)  # bitwise: weights, optimizer, schedule, data position
     a, b = weights(ckpts / "last.ckpt"), weights(ref_out / "checkpoints" / "last.ckpt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_last_ckpt_holds_the_final_step_when_max_steps_is_not_a_checkpoint_step(
+    single_process_run, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """Checkpoints every 4 steps, STEPS = 6: without a save at the end of training, last.ckpt would
+    hold step 4 and extending the run would redo steps 4 and 5."""
+    out = tmp_path / "run"
+    run_script(pretrain_args(tiny_data_dir, out, "auto", 1, "callbacks.checkpoint.every_n_steps=4"), timeout=300)
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == STEPS
+    ref = weights(single_process_run[0] / "checkpoints" / "last.ckpt")  # also step 6, same run
+    got = weights(out / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    assert (out / "checkpoints" / f"step{STEPS:07d}.ckpt").is_file()

@@ -3,6 +3,7 @@ resume, URLs and pipes, bad shards."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cgpt.data.shards import ShardWriter
-from cgpt.data.stream import DataReadError, PackedStream, Shard
+from cgpt.data.stream import DataReadError, PackedStream, Shard, split_key
 
 SAMPLE_LEN = 9
 
@@ -42,34 +43,92 @@ def batches(stream: PackedStream, workers: int = 0, limit: int | None = None) ->
     return out
 
 
-@pytest.mark.parametrize(
-    "sizes,world,batch",
-    [
-        ([16] * 8, 4, 4),  # shards divide evenly: full coverage
-        ([10] * 3, 2, 2),  # one leftover shard, split within
-        ([50], 4, 4),  # fewer shards than ranks
-        ([7, 13, 9, 20, 3], 2, 3),  # uneven shards
-        ([12] * 5, 3, 2),
-    ],
-)
-def test_ranks_get_equal_disjoint_batches_covering_the_epoch(tmp_path: Path, sizes, world, batch) -> None:
-    shards = make_shards(tmp_path, sizes)
-    per_rank = []
+SIZES = [7, 13, 9, 20, 3, 11, 16, 5, 12, 8, 14, 6]  # unequal shards, 124 samples
+G, P = 8, 4  # global batch and partitions of the ledger tests
+
+
+def ledger(shards: list[Shard], world: int, micro: int, workers: int, n: int, start: int = 0) -> list[list[int]]:
+    """Sorted sample keys of global batches ``start .. n-1``, gathered over ``world`` ranks, each
+    served through a DataLoader with ``workers`` processes. Checks each batch's tokens against its keys."""
+    got: dict[int, list[int]] = {}
     for rank in range(world):
-        stream = PackedStream(shards, SAMPLE_LEN, batch, rank, world, seed=3, infinite=False)
-        got = batches(stream)
-        assert got == batches(stream, workers=2)  # the order does not depend on the worker count
-        assert all(len(b) == batch for b in got)
-        per_rank.append([i for b in got for i in b])
-    counts = {len(p) for p in per_rank}
-    assert len(counts) == 1  # every rank the same number of batches: no DDP hang
-    seen = [i for p in per_rank for i in p]
-    assert len(seen) == len(set(seen))  # no sample twice within the epoch
-    total = sum(sizes)
-    # the documented drop: what ranks hold beyond the smallest one, plus a partial batch each
-    assert total - len(seen) <= world * (batch - 1) + (world - 1) * max(sizes)
-    if sizes == [16] * 8:
-        assert sorted(seen) == list(range(total))
+        s = PackedStream(shards, SAMPLE_LEN, micro, rank, world, seed=3, mix_shards=2, global_batch_size=G,
+                         partitions=P, start_batch=start * G // (micro * world))  # fmt: skip
+        loader = DataLoader(s, batch_size=None, num_workers=workers)
+        for _, b in zip(range((n - start) * s.accumulation), loader):
+            shard, index = split_key(b["sample_keys"].numpy())
+            assert b["tokens"][:, 0].tolist() == (OFFSETS[shard] + index).tolist()  # the keys name the tokens
+            got.setdefault(b["global_batch"], []).extend(b["sample_keys"].tolist())
+    assert sorted(got) == list(range(start, n))
+    assert all(len(v) == G for v in got.values())
+    return [sorted(got[g]) for g in range(start, n)]
+
+
+OFFSETS = np.concatenate([[0], np.cumsum(SIZES)])
+
+
+@pytest.mark.slow  # DataLoader worker processes
+def test_global_batches_are_the_same_at_any_world_size_and_worker_count(tmp_path: Path) -> None:
+    shards = make_shards(tmp_path, SIZES)
+    order = PackedStream(shards, SAMPLE_LEN, 2, global_batch_size=G, partitions=P, seed=3, mix_shards=2).order
+    n = order.rows_per_epoch + 3  # into the second epoch
+    ref = ledger(shards, 1, 2, 0, n)
+    for world, micro, workers in [(1, 4, 1), (2, 2, 2), (2, 4, 0), (4, 1, 2), (4, 2, 1)]:
+        assert ledger(shards, world, micro, workers, n) == ref, (world, micro, workers)
+    epoch = [k for b in ref[: order.rows_per_epoch] for k in b]
+    assert len(epoch) == len(set(epoch))  # nothing twice within an epoch
+    assert 0 <= sum(SIZES) - len(epoch) < G + P  # the documented drop: partitions' tails
+    assert ref[order.rows_per_epoch] != ref[0]  # the next epoch is another order
+
+
+@pytest.mark.slow  # DataLoader worker processes
+@pytest.mark.parametrize("before,after", [((2, 2, 0), (1, 2, 0)), ((1, 4, 0), (2, 2, 1)), ((4, 1, 0), (2, 2, 0)),
+                                          ((2, 2, 2), (2, 2, 0))])  # fmt: skip
+def test_resume_at_another_world_size_continues_the_ledger(tmp_path: Path, before, after) -> None:
+    """(world, micro-batch, workers) before and after the restart at global batch s."""
+    shards = make_shards(tmp_path, SIZES)
+    full = ledger(shards, *before, 20)  # 15 global batches per epoch here: crosses into the next
+    for s in (3, 16):
+        assert ledger(shards, *after, 20, start=s) == full[s:]
+
+
+def test_workers_and_ranks_read_only_their_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cgpt.data.stream as stream_mod
+
+    sizes = [10] * 32
+    shards = make_shards(tmp_path, sizes)
+    reads = tmp_path / "reads"
+    real = stream_mod.read_shard
+
+    def counted(url: str, *args, **kwargs):
+        with open(reads, "a") as f:  # a file: DataLoader workers are other processes
+            f.write(f"{os.getpid()} {url}\n")
+        return real(url, *args, **kwargs)
+
+    monkeypatch.setattr(stream_mod, "read_shard", counted)
+    url_index = {s.url: i for i, s in enumerate(shards)}
+    world, workers, micro = 2, 2, 2  # 2 micro-batches per rank per global batch: workers divide them
+    bytes_per_rank = []
+    for rank in range(world):
+        s = PackedStream(
+            shards, SAMPLE_LEN, micro, rank, world, seed=1, infinite=False, global_batch_size=G, partitions=P
+        )
+        n = s.batches_per_epoch
+        reads.write_text("")
+        assert len(list(zip(range(n), DataLoader(s, batch_size=None, num_workers=workers)))) == n
+        by_worker: dict[str, list[int]] = {}
+        for line in reads.read_text().splitlines():
+            pid, url = line.split()
+            by_worker.setdefault(pid, []).append(url_index[url])
+        needed = [{int(k) for i in range(w, n, workers) for k in split_key(s.keys(i))[0]} for w in range(workers)]
+        got = sorted(by_worker.values(), key=lambda r: r[0] not in needed[0])  # worker 0's reads first
+        for w in range(workers):  # each worker reads just the shards its own micro-batches need, once
+            assert sorted(got[w]) == sorted(needed[w]), (rank, w)
+        assert len(needed[0] & needed[1]) <= 1  # at most a shard at its partitions' boundary is shared
+        assert len(needed[0]) < 0.6 * len(needed[0] | needed[1])  # each worker about half the rank's shards
+        bytes_per_rank.append(sum(sizes[i] for i in needed[0] | needed[1]))
+    # each rank its 1/world of the bytes (P/W partitions of 80 samples, each touching <= 9 shards)
+    assert all(b <= sum(sizes) / world + 2 * max(sizes) for b in bytes_per_rank), bytes_per_rank
 
 
 def test_epochs_reshuffle_and_seed_decides(tmp_path: Path) -> None:
@@ -86,15 +145,15 @@ def test_epochs_reshuffle_and_seed_decides(tmp_path: Path) -> None:
     assert [i for b in batches(val) for i in b] == list(range(32))  # validation keeps file order
 
 
-@pytest.mark.slow  # DataLoader worker processes
-@pytest.mark.parametrize("workers_before,workers_after", [(0, 2), (2, 3), (1, 0)])
-def test_resume_continues_exactly(tmp_path: Path, workers_before: int, workers_after: int) -> None:
-    shards = make_shards(tmp_path, [10, 6, 9, 12])
-    for rank in range(2):
-        full = batches(PackedStream(shards, SAMPLE_LEN, 3, rank, 2, seed=5), workers_before, limit=14)
-        for k in (1, 4, 5, 9):  # within the first epoch and past it (5 batches per epoch here)
-            resumed = PackedStream(shards, SAMPLE_LEN, 3, rank, 2, seed=5, start_batch=k)
-            assert batches(resumed, workers_after, limit=14 - k) == full[k:]
+def test_validation_splits_the_file_order_over_ranks(tmp_path: Path) -> None:
+    shards = make_shards(tmp_path, [7, 13, 9])
+    per_rank = [[i for b in batches(PackedStream(shards, SAMPLE_LEN, 3, r, 2, shuffle=False, infinite=False))
+                 for i in b] for r in range(2)]  # fmt: skip
+    assert len(per_rank[0]) == len(per_rank[1])  # the same number of validation steps on every rank
+    for ids in per_rank:  # each rank a contiguous stretch in file order: it reads about half the shards
+        assert ids == list(range(ids[0], ids[0] + len(ids)))
+    seen = per_rank[0] + per_rank[1]
+    assert len(set(seen)) == len(seen) and 29 - len(seen) < 2 * 3 + 2
 
 
 def test_batch_index_counts_consumed_batches(tmp_path: Path) -> None:
@@ -149,9 +208,9 @@ def test_all_shards_unreadable_is_an_error(tmp_path: Path) -> None:
 
 def test_too_little_data_is_refused(tmp_path: Path) -> None:
     shards = make_shards(tmp_path, [3])
-    with pytest.raises(ValueError, match="fewer than one micro-batch"):
+    with pytest.raises(ValueError, match="fewer than one global batch"):
         PackedStream(shards, SAMPLE_LEN, 4)
-    with pytest.raises(ValueError, match="fewer than one micro-batch"):
+    with pytest.raises(ValueError, match="fewer than one global batch"):
         PackedStream(make_shards(tmp_path, [8]), SAMPLE_LEN, 4, rank=1, world_size=4)
 
 
@@ -163,13 +222,13 @@ def test_tokens_are_int64_tensors(tmp_path: Path) -> None:
 def test_batches_mix_shards(tmp_path: Path) -> None:
     shards = make_shards(tmp_path, [16] * 8)
 
-    def shards_per_batch(mix: int) -> list[int]:
-        got = batches(PackedStream(shards, SAMPLE_LEN, 4, seed=0, infinite=False, mix_shards=mix))
-        return [len({i // 16 for i in b}) for b in got]
+    def shards_per_batch(mix: int, partitions: int) -> list[int]:
+        stream = PackedStream(shards, SAMPLE_LEN, 4, seed=0, infinite=False, mix_shards=mix, partitions=partitions)
+        return [len({i // 16 for i in b}) for b in batches(stream)]
 
-    assert set(shards_per_batch(1)) == {1}  # one shard at a time
-    mixed = shards_per_batch(4)
-    assert max(mixed) > 1 and sum(m > 1 for m in mixed) > len(mixed) // 2
+    assert max(shards_per_batch(1, 1)) <= 2  # one shard's worth at a time (two where a unit straddles)
+    for mixed in (shards_per_batch(4, 1), shards_per_batch(1, 4)):  # units of 4 shards, or 4 partitions
+        assert max(mixed) > 2 and sum(m > 1 for m in mixed) > len(mixed) // 2
 
 
 @pytest.mark.slow  # DataLoader worker processes

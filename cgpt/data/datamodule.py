@@ -1,7 +1,15 @@
-"""LightningDataModule over packed WebDataset shards: streaming, rank/worker-aware, resumable."""
+"""LightningDataModule over packed WebDataset shards: streaming, rank/worker-aware, resumable.
+
+The training order is :mod:`cgpt.data.stream`'s global one, so the data position saved in a
+checkpoint is one number (global batches consumed) plus what defines the order (seed, partitions,
+mix_shards, global batch, a fingerprint of the shard list). A resume at another world size or
+worker count continues with exactly the samples an uninterrupted run would have consumed next.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import warnings
@@ -15,9 +23,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from cgpt.data.shards import DatasetMeta
-from cgpt.data.stream import PackedStream, Shard
+from cgpt.data.stream import DEFAULT_PARTITIONS, PackedStream, Shard
 
-TRACE_ENV = "CGPT_DATA_TRACE"  # file prefix: each rank appends the training batches it consumes
+# File prefix: each rank appends a line per training micro-batch it consumes (global batch, keys).
+TRACE_ENV = "CGPT_DATA_TRACE"
+ORDER = "global-partitions-v1"  # the order a checkpoint's data position counts in
 
 
 class PackedLoader(DataLoader):
@@ -51,8 +61,11 @@ class PackedDataModule(L.LightningDataModule):
         shard_url: optional template for where shards live, with ``{name}`` for the file name,
             e.g. ``pipe:aws s3 cp s3://bucket/pile/{name} -``. Any URL webdataset opens works.
         val_batches: cap on validation micro-batches per rank (``None``: the whole split).
-        mix_shards: training shards shuffled together, so each micro-batch mixes this many
-            shards (each dataloader worker holds as many in memory).
+        mix_shards: training samples are permuted within units of about this many shards' worth.
+        partitions: canonical partitions of the training order (clipped to the global batch):
+            the most ranks that each read only their own share of the data.
+        global_batch_size: samples per optimizer step over all ranks (:meth:`set_global_batch`;
+            default one micro-batch per rank).
         val_sources: more prepared folders, ``(name, dir)``, whose validation splits are scored
             separately at each validation (``val/loss/<name>``); validation then has one loader
             per folder, ``data_dir``'s first.
@@ -67,6 +80,8 @@ class PackedDataModule(L.LightningDataModule):
         shard_url: str | None = None,
         val_batches: int | None = None,
         mix_shards: int = 4,
+        partitions: int = DEFAULT_PARTITIONS,
+        global_batch_size: int | None = None,
         val_sources: Sequence[tuple[str, str]] = (),
     ) -> None:
         super().__init__()
@@ -77,10 +92,14 @@ class PackedDataModule(L.LightningDataModule):
         self.shard_url = shard_url
         self.val_batches = val_batches
         self.mix_shards = mix_shards
+        self.partitions = partitions
+        self.global_batch_size = global_batch_size
         self.meta = DatasetMeta.load(self.data_dir)
         self.val_sources = [(str(name), str(folder)) for name, folder in val_sources]
         self._val_metas = [self.meta] + [DatasetMeta.load(folder) for _, folder in self.val_sources]
-        self.consumed_micro_batches = 0  # of this rank; saved in checkpoints for exact resume
+        self.consumed_micro_batches = 0  # of this rank, in this run's layout
+        self.consumed_global_batches = 0  # the data position saved in checkpoints
+        self._accumulation = 1
         self.bad_shard_names: set[str] = set()  # unreadable shards skipped (also saved in checkpoints)
         self._resume_from: dict[str, Any] | None = None
 
@@ -150,6 +169,29 @@ class PackedDataModule(L.LightningDataModule):
         """What each validation loader scores: None for ``data_dir`` (``val/loss``), else a name."""
         return [None] + [name for name, _ in self.val_sources]
 
+    def set_global_batch(self, global_batch_size: int) -> None:
+        """The run's samples per optimizer step (the order's row width); the training loader's
+        accumulation is derived from it and the world size."""
+        self.global_batch_size = global_batch_size
+
+    def shards_fingerprint(self) -> str:
+        """A digest of the training shard list (names, sample counts, checksums): the order's input."""
+        rows = [(s["name"], int(s["samples"]), s.get("crc32")) for s in self.meta.shards("train")]
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+    def _order_params(self, world: int) -> dict[str, Any]:
+        train = self.meta.shards("train")
+        return {
+            "order": ORDER,
+            "seed": self.seed,
+            "partitions": self.partitions,
+            "mix_shards": self.mix_shards,
+            "global_batch_size": self.global_batch_size or self.micro_batch_size * world,
+            "shards_fingerprint": self.shards_fingerprint(),
+            "shards": len(train),
+            "samples": sum(int(s["samples"]) for s in train),
+        }
+
     @property
     def seq_len(self) -> int:
         return self.meta.seq_len
@@ -205,11 +247,14 @@ class PackedDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        start = self._resume_batch(world)
-        self.consumed_micro_batches = start
+        global_batch = self.global_batch_size or self.micro_batch_size * world
+        self._accumulation = global_batch // (self.micro_batch_size * world)
+        self.consumed_micro_batches = start = self._resume_batch(world, global_batch)
+        self.consumed_global_batches = -(-start // self._accumulation)
         stream = PackedStream(
             self._shards("train"), self.meta.sample_len, self.micro_batch_size, rank, world,
             seed=self.seed, shuffle=True, infinite=True, start_batch=start, mix_shards=self.mix_shards,
+            global_batch_size=global_batch, partitions=self.partitions,
         )  # fmt: skip
         return self._loader(stream, "train")
 
@@ -233,10 +278,14 @@ class PackedDataModule(L.LightningDataModule):
         split = "train" if trainer is None or trainer.training else "val"
         self._note_bad_shards(batch.pop("bad_shards", None), split, dataloader_idx if split == "val" else 0)
         index = batch.pop("batch_index", None)
+        global_batch = batch.pop("global_batch", None)
         if index is not None and trainer is not None and trainer.training:
             self.consumed_micro_batches = int(index) + 1
+            # Rounded up: after a dropped placeholder (unreadable shard) a step can end inside a global
+            # batch; a resume at another layout skips the rest of it rather than repeat samples.
+            self.consumed_global_batches = -(-self.consumed_micro_batches // self._accumulation)
             if os.environ.get(TRACE_ENV):
-                self._trace(int(index), batch["tokens"])
+                self._trace(int(global_batch), int(index), batch["tokens"], batch.get("sample_keys"))
         return batch
 
     def _note_bad_shards(self, ids: Any, split: str, source: int = 0) -> None:
@@ -257,41 +306,81 @@ class PackedDataModule(L.LightningDataModule):
                 flush=True,
             )
 
-    def _trace(self, index: int, tokens: torch.Tensor) -> None:
-        """Append ``rank batch_index crc32(tokens)`` to the file named by ``CGPT_DATA_TRACE``."""
+    def _trace(self, global_batch: int, index: int, tokens: torch.Tensor, keys: torch.Tensor | None) -> None:
+        """Append ``global_batch batch_index crc32(tokens) key,key,...`` to ``$CGPT_DATA_TRACE.rank<r>``:
+        a ledger of the samples each optimizer step consumed (keys: :func:`cgpt.data.stream.sample_key`)."""
         rank = self._rank_world()[0]
         digest = zlib.crc32(tokens.cpu().numpy().tobytes())
+        listed = ",".join(map(str, keys.tolist())) if keys is not None else ""
         with open(f"{os.environ[TRACE_ENV]}.rank{rank}", "a") as f:
-            f.write(f"{index} {digest}\n")
+            f.write(f"{global_batch} {index} {digest} {listed}\n")
 
     def state_dict(self) -> dict[str, Any]:
         _, world = self._rank_world()
+        params = self._order_params(world)
         return {
-            "consumed_micro_batches": self.consumed_micro_batches,
+            **params,
+            "consumed_global_batches": self.consumed_global_batches,
+            "consumed_samples": self.consumed_global_batches * params["global_batch_size"],
+            "consumed_micro_batches": self.consumed_micro_batches,  # per rank, in the layout below
             "micro_batch_size": self.micro_batch_size,
             "world_size": world,
-            "seed": self.seed,
-            "mix_shards": self.mix_shards,
             "bad_shard_names": sorted(self.bad_shard_names),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume_from = dict(state_dict)
-        self.bad_shard_names |= set(state_dict.get("bad_shard_names", ()))
+        """Take a checkpoint's data position; refuse one whose order cannot continue here (another
+        shard list, seed, partitions or mix_shards) with :class:`DataMismatchError`, before training."""
+        s = dict(state_dict)
+        if s.get("order") == ORDER:
+            here = self._order_params(s.get("world_size", 1))
+            if s["shards_fingerprint"] != here["shards_fingerprint"]:
+                raise DataMismatchError(
+                    f"the checkpoint was trained on another shard list than {Path(self.data_dir) / 'meta.json'}: "
+                    f"{s['shards']} train shards, {s['samples']} samples (fingerprint {s['shards_fingerprint']}) then, "
+                    f"{here['shards']} shards, {here['samples']} samples ({here['shards_fingerprint']}) now. "
+                    "Point data.dir at the data the run started with, or start a new run (init_from=<checkpoint> "
+                    "keeps the weights) to train on the new data"
+                )
+            changed = [f"{k} {s[k]} -> {here[k]}" for k in ("seed", "partitions", "mix_shards") if s[k] != here[k]]
+            if changed:
+                raise DataMismatchError(
+                    f"resuming with another data order than the checkpoint's ({', '.join(changed)}): set seed, "
+                    "data.partitions and data.mix_shards back to the checkpoint's values to continue its order, "
+                    "or start a new run (init_from=<checkpoint> keeps the weights)"
+                )
+        self._resume_from = s
+        self.bad_shard_names |= set(s.get("bad_shard_names", ()))
 
-    def _resume_batch(self, world: int) -> int:
+    def _resume_batch(self, world: int, global_batch: int) -> int:
+        """This rank's micro-batches already consumed: the checkpoint's own count in the same layout
+        (exact even after dropped placeholders), else its global batches in this layout."""
+        s = self._resume_from
+        if s and s.get("order") == ORDER and s["global_batch_size"] == global_batch:
+            if (s["world_size"], s["micro_batch_size"]) == (world, self.micro_batch_size):
+                return int(s["consumed_micro_batches"])
+        return self._resume_global_batch(global_batch) * (global_batch // (self.micro_batch_size * world))
+
+    def _resume_global_batch(self, global_batch: int) -> int:
+        """Global batches already consumed, counted in rows of this run's global batch."""
         s = self._resume_from
         if not s:
             return 0
-        layout = (self.micro_batch_size, world, self.seed, self.mix_shards)
-        saved = (s["micro_batch_size"], s["world_size"], s["seed"], s.get("mix_shards", self.mix_shards))
-        if saved == layout:
-            return int(s["consumed_micro_batches"])
-        # Another layout: keep the global sample position; the order from here is another one.
-        samples = int(s["consumed_micro_batches"]) * s["micro_batch_size"] * s["world_size"]
+        if s.get("order") != ORDER:  # a checkpoint of the previous, per-rank order
+            samples = int(s["consumed_micro_batches"]) * s["micro_batch_size"] * s["world_size"]
+            warnings.warn(
+                f"the checkpoint counts its data position in an older order: continuing after its {samples} "
+                "samples in the global order (the samples from here are another draw)",
+                stacklevel=2,
+            )
+            return samples // global_batch
+        if s["global_batch_size"] == global_batch:
+            return int(s["consumed_global_batches"])
+        samples = int(s["consumed_samples"])
         warnings.warn(
-            "resuming with another (micro_batch_size, world_size, seed, mix_shards) than the checkpoint "
-            f"({saved} -> {layout}): the data continues after the same number of samples, in another order",
+            f"data.global_batch_size {s['global_batch_size']} -> {global_batch} since the checkpoint: continuing "
+            f"after the same {samples} samples (global batch {samples // global_batch}); the order is laid out "
+            "in rows of the new global batch from there, so the samples that follow are another draw",
             stacklevel=2,
         )
-        return samples // (self.micro_batch_size * world)
+        return samples // global_batch

@@ -1,33 +1,38 @@
-"""Streaming reader of packed shards with a deterministic, resumable global order.
+"""Streaming reader of packed shards with one global sample order, whatever the world size.
 
-The order of one epoch is a pure function of (seed, epoch, shard list, rank, world size):
+**The order** (:class:`SampleOrder`) is a pure function of (seed, epoch, shard list, partitions,
+mix_shards, global batch ``G``); it does not depend on the world size or the worker count:
 
-1. shards are permuted with the epoch's seed (validation keeps file order);
-2. with ``n`` shards and ``world`` ranks, the first ``world * (n // world)`` shards of that order
-   are dealt to ranks round-robin, whole; the ``n % world`` left over are split *within* the
-   shard (rank ``r`` keeps every ``world``-th sample from ``r``), so no rank idles and nothing is
-   lost. Fewer shards than ranks is the case ``n // world == 0``: every rank reads every shard.
-   When splitting the leftovers would more than double the shard reads of an epoch (many ranks,
-   ``n % world`` large), they are skipped for that epoch instead (different shards each epoch);
-3. a rank's shards are taken ``mix_shards`` at a time (leftover shards likewise) and the samples
-   of each such group are permuted together with (seed, epoch, group): every micro-batch mixes
-   several shards, and within a group the shuffle is complete (no buffer to fill or drain);
-4. every rank serves the same number of micro-batches in an epoch: what the rank with the fewest
-   samples in that epoch's plan can fill, known to all ranks from the per-shard counts in
-   meta.json, so DDP never waits on a rank that ran out. The samples past it on the other ranks
-   (at most about one shard's worth per rank, different ones each epoch) and the last partial
-   micro-batch are the documented drop;
-5. the ``i``-th micro-batch a rank serves (counting from where it started) is assembled by
-   dataloader worker ``i % num_workers``, and
-   PyTorch's DataLoader returns workers' batches round-robin, so the batch sequence a rank sees
-   does not depend on the number of workers. (The price: each worker reads every shard of its
-   rank and keeps its own batches' samples; one worker is meant to suffice, see bench/.)
+1. each epoch the shards are permuted with (seed, epoch) and their samples concatenated
+   (validation keeps file order);
+2. that sequence is cut into ``P`` contiguous *canonical partitions* (``data.partitions``,
+   clipped to ``G``). Global-batch slot ``j`` belongs to partition ``j * P // G``, so partition
+   ``p`` owns a fixed number ``c_p`` of slots (``G // P`` or one more) and its length is
+   proportional to ``c_p``;
+3. each partition is cut into *units* of about ``mix_shards`` shards' worth of samples; the
+   samples of a unit are permuted with (seed, epoch, unit) and units are served in order;
+4. global batch ``b`` of the epoch takes, in partition ``p``'s slots, that partition's positions
+   ``[b * c_p, (b + 1) * c_p)``. An epoch ends when the first partition runs out: the drop is the
+   partitions' leftover tails, fewer than ``G + P`` samples an epoch.
 
-No sample is served twice within an epoch across ranks x workers, and together they cover it.
-Validation reads in file order (no shuffle, no mixing).
-Resuming is exact: start at micro-batch ``k`` and the stream continues with exactly the batches
-an uninterrupted run would have seen next, whatever the worker count; shards holding only
-already-consumed batches are not even read.
+**Ranks and workers** only choose which part of that sequence they serve. Rank ``r`` of ``W``
+takes slots ``[r G/W, (r+1) G/W)`` of every global batch and cuts them, in order, into
+``A = G / (W B)`` micro-batches of ``B``: its ``i``-th micro-batch is global batch ``i // A``.
+So global batch ``b`` is the same samples at any ``W`` (only its split over ranks and accumulation
+steps changes), and a rank reads only its ``P / W`` partitions (+1 at a boundary): about ``1/W``
+of the bytes. Micro-batch ``i`` is assembled by dataloader worker ``i % num_workers`` (counted
+from where the stream started) and PyTorch returns workers' batches round-robin, so the sequence
+does not depend on the worker count. A worker reads a shard only when one of its own micro-batches
+needs a sample of it, and keeps it while the unit holding it is current. When ``num_workers``
+divides ``A``, worker ``w`` always serves the same slots of a global batch, so it reads only its
+``1/num_workers`` of the rank's partitions; otherwise workers cycle through all of the rank's slots
+and each reads most of the rank's shards (docs/design/data-pipeline.md measures both).
+
+Every training batch carries ``sample_keys``: ``shard index * 2**32 + sample index`` in
+meta.json's shard list, stable under any reshuffle (:func:`sample_key`).
+
+Resuming is exact: the data position is one global number (global batches consumed); a stream
+started at micro-batch ``k`` serves what an uninterrupted one would have served from ``k``.
 
 Unreadable shards (missing, truncated, corrupt, checksum mismatch) are skipped with a warning;
 their ids travel with the next batch (``bad_shards``) so the data module can count them. A
@@ -41,7 +46,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +58,8 @@ from cgpt.data.shards import ShardFormatError, read_shard
 
 REMOTE_ATTEMPTS = 3  # tries for a shard behind a URL or pipe before it counts as bad
 RETRY_DELAY_S = 1.0  # seconds before the second try (doubles, triples, ...)
+DEFAULT_PARTITIONS = 16  # canonical partitions of the training order (data.partitions)
+KEY_SHIFT = 32  # sample key = shard index << KEY_SHIFT | sample index within the shard
 
 
 @dataclass(frozen=True)
@@ -68,17 +75,139 @@ class DataReadError(RuntimeError):
     """No shard a worker needed could be read: the data location is wrong or the data is gone."""
 
 
+def sample_key(shard: np.ndarray | int, index: np.ndarray | int) -> np.ndarray | int:
+    """The stable id of sample ``index`` of shard ``shard`` (positions in meta.json's list)."""
+    return (np.asarray(shard, dtype=np.int64) << KEY_SHIFT) | np.asarray(index, dtype=np.int64)
+
+
+def split_key(key: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+    """(shard index, sample index) of sample keys."""
+    key = np.asarray(key, dtype=np.int64)
+    return key >> KEY_SHIFT, key & ((1 << KEY_SHIFT) - 1)
+
+
 def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(list(key))
 
 
-class PackedStream(IterableDataset):
-    """Micro-batches ``{"tokens": LongTensor (B, seq_len + 1), "batch_index": int, "bad_shards": [int]}``.
+class SampleOrder:
+    """The sample sequence of one source over all epochs, ``width`` positions per row.
 
-    ``batch_index`` counts this rank's micro-batches from the start of training (the resume
-    position); ``bad_shards`` lists shards found unreadable since the previous batch; ``tokens``
-    is None for a training batch that needed an unreadable shard (drop it: see
-    :class:`cgpt.data.datamodule.PackedLoader`).
+    Position ``q`` is row ``q // width`` (a global batch of the plain, one-source order), column
+    ``q % width`` (a slot). A consumer that needs a varying number of samples per global batch
+    (a mixture) reads any contiguous range of positions with :meth:`keys`.
+
+    Args:
+        counts: samples per shard, in meta.json's order.
+        width: positions per row (the global batch ``G`` for a single source).
+        partitions: canonical partitions (clipped to ``width``).
+        mix_shards: samples are permuted within units of about this many shards' worth.
+        seed: the run seed.
+        shuffle: permute shards and units per epoch (False: file order, for validation).
+    """
+
+    def __init__(
+        self,
+        counts: Sequence[int],
+        width: int,
+        partitions: int = DEFAULT_PARTITIONS,
+        mix_shards: int = 4,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        if width <= 0 or partitions <= 0 or mix_shards <= 0:
+            raise ValueError(f"width, partitions and mix_shards must be positive: {width}, {partitions}, {mix_shards}")
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self.total = int(self.counts.sum())
+        self.width = width
+        self.partitions = P = min(partitions, width)
+        self.seed = seed
+        self.shuffle = shuffle
+        self.col_partition = np.arange(width) * P // width  # slot -> partition
+        self.first_col = -(-np.arange(P + 1) * width // P)  # partition p owns slots [first_col[p], first_col[p+1])
+        self.cols = np.diff(self.first_col)  # c_p
+        self.bounds = self.total * self.first_col // width  # partition p: [bounds[p], bounds[p+1]) of the epoch
+        lengths = np.diff(self.bounds)
+        self.rows_per_epoch = int((lengths // self.cols).min())
+        # Units: about mix_shards shards' worth of a partition's samples, permuted together.
+        target = max(1.0, mix_shards * self.total / len(self.counts)) if shuffle else float("inf")
+        units = [self.bounds[:1]]
+        for p in range(P):
+            n = max(1, round(lengths[p] / target)) if lengths[p] else 1
+            units.append(self.bounds[p] + lengths[p] * np.arange(1, n + 1) // n)
+        self.unit_bounds = np.unique(np.concatenate(units))  # every unit lies within one partition
+        self._epoch_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
+
+    @property
+    def per_epoch(self) -> int:
+        """Positions served per epoch (``rows_per_epoch * width``); the rest is the epoch's drop."""
+        return self.rows_per_epoch * self.width
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard order, start of each shard in the concatenation) of ``epoch``."""
+        if epoch not in self._epoch_cache:
+            n = len(self.counts)
+            order = _rng(self.seed, epoch).permutation(n) if self.shuffle else np.arange(n)
+            self._epoch_cache = {epoch: (order, np.concatenate([[0], np.cumsum(self.counts[order])]))}
+        return self._epoch_cache[epoch]
+
+    def _perm(self, epoch: int, unit: int) -> np.ndarray:
+        key = (epoch, unit)
+        if key not in self._perm_cache:
+            if len(self._perm_cache) > 2 * self.partitions + 8:  # units are used in order: drop the oldest
+                del self._perm_cache[next(iter(self._perm_cache))]
+            size = int(self.unit_bounds[unit + 1] - self.unit_bounds[unit])
+            self._perm_cache[key] = _rng(self.seed, epoch, unit, 1).permutation(size)
+        return self._perm_cache[key]
+
+    def locate(self, start: int, stop: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """(epoch, unit, shard, sample index in the shard) of positions ``[start, stop)``, which
+        must lie in one epoch."""
+        q = np.arange(start, stop, dtype=np.int64)
+        epoch = start // self.per_epoch
+        if stop > start and (stop - 1) // self.per_epoch != epoch:
+            raise ValueError(f"positions {start}..{stop} cross an epoch boundary")
+        row, col = np.divmod(q - epoch * self.per_epoch, self.width)
+        p = self.col_partition[col]
+        at = self.bounds[p] + row * self.cols[p] + col - self.first_col[p]  # position in the epoch's sequence
+        unit = np.searchsorted(self.unit_bounds, at, side="right") - 1
+        if self.shuffle:
+            offset = at - self.unit_bounds[unit]
+            for u in np.unique(unit).tolist():
+                here = unit == u
+                offset[here] = self._perm(epoch, u)[offset[here]]
+            at = self.unit_bounds[unit] + offset
+        order, starts = self._epoch(epoch)
+        slot = np.searchsorted(starts, at, side="right") - 1
+        return epoch, unit, order[slot], at - starts[slot]
+
+    def keys(self, start: int, stop: int) -> np.ndarray:
+        """Sample keys of positions ``[start, stop)`` (may span epochs)."""
+        parts = []
+        while start < stop:
+            end = min(stop, (start // self.per_epoch + 1) * self.per_epoch)
+            _, _, shard, index = self.locate(start, end)
+            parts.append(sample_key(shard, index))
+            start = end
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+    def unit_shards(self, epoch: int, unit: int) -> np.ndarray:
+        """Shards holding samples of ``unit`` in ``epoch``."""
+        order, starts = self._epoch(epoch)
+        lo = np.searchsorted(starts, self.unit_bounds[unit], side="right") - 1
+        hi = np.searchsorted(starts, self.unit_bounds[unit + 1] - 1, side="right") - 1
+        return order[lo : hi + 1]
+
+
+class PackedStream(IterableDataset):
+    """Micro-batches ``{"tokens": LongTensor (B, seq_len + 1), "sample_keys": LongTensor (B,),
+    "batch_index": int, "global_batch": int, "bad_shards": [int]}``.
+
+    ``batch_index`` counts this rank's micro-batches from the start of training and
+    ``global_batch`` is the optimizer step's batch it belongs to; ``bad_shards`` lists shards
+    found unreadable since the previous batch; ``tokens`` is None for a training batch that needed
+    an unreadable shard (drop it: see :class:`cgpt.data.datamodule.PackedLoader`).
 
     Args:
         shards: the split's shards with their sample counts (from meta.json).
@@ -86,12 +215,16 @@ class PackedStream(IterableDataset):
         micro_batch_size: samples per batch on this rank.
         rank, world_size: this process's data-parallel position.
         seed: the run seed; every epoch's order derives from it.
-        shuffle: permute shards and samples (train) or keep file order (validation).
+        shuffle: the training order (True) or file order (validation; partitions = ranks, so each
+            rank reads one contiguous ``1/world_size`` of the split).
         infinite: run epoch after epoch (train) or stop after one (validation).
-        start_batch: micro-batches of this rank already consumed (exact resume).
+        start_batch: micro-batches of this rank already consumed (exact resume; a multiple of the
+            accumulation steps when resuming at another world size).
         max_batches: cap on micro-batches per epoch (e.g. a quick validation).
-        mix_shards: shards shuffled together (each micro-batch mixes samples of this many
-            shards); a worker holds that many shards in memory.
+        mix_shards: samples are permuted within units of about this many shards' worth.
+        global_batch_size: samples per optimizer step over all ranks (default: one micro-batch
+            per rank); must be a multiple of ``micro_batch_size * world_size``.
+        partitions: canonical partitions of the order (clipped to the global batch).
     """
 
     def __init__(
@@ -107,6 +240,8 @@ class PackedStream(IterableDataset):
         start_batch: int = 0,
         max_batches: int | None = None,
         mix_shards: int = 4,
+        global_batch_size: int | None = None,
+        partitions: int = DEFAULT_PARTITIONS,
     ) -> None:
         super().__init__()
         if not shards:
@@ -117,192 +252,143 @@ class PackedStream(IterableDataset):
             raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
         if mix_shards <= 0:
             raise ValueError(f"mix_shards must be positive, got {mix_shards}")
+        G = global_batch_size or micro_batch_size * world_size
+        if G % (micro_batch_size * world_size):
+            raise ValueError(
+                f"global batch {G} is not a multiple of micro_batch_size {micro_batch_size} x world size {world_size}"
+            )
         self.shards = list(shards)
         self.sample_len = sample_len
         self.batch = micro_batch_size
         self.rank = rank
         self.world = world_size
+        self.global_batch = G
+        self.accumulation = G // (micro_batch_size * world_size)
         self.seed = seed
         self.shuffle = shuffle
         self.infinite = infinite
         self.start_batch = start_batch
-        n = len(self.shards)
-        self.whole_per_rank = n // world_size
-        leftover = n % world_size
-        # Splitting a leftover shard makes every rank read it: allow it while the epoch's shard
-        # reads at most double (always when there are fewer shards than ranks).
-        self.split_leftovers = self.whole_per_rank == 0 or leftover * world_size <= n
         self.max_batches = max_batches
-        self.mix = mix_shards if shuffle else 1
-        self._counts = np.array([s.samples for s in self.shards], dtype=np.int64)
-        self._epoch_batches_cache: dict[int, int] = {}
-        if self.batches_in_epoch(0) == 0:
+        self.mix = mix_shards
+        self.order = SampleOrder(
+            [s.samples for s in self.shards], G, partitions if shuffle else world_size, mix_shards, seed, shuffle
+        )
+        self.shards_read: list[int] = []  # shards this process read, in order (bench/ and tests count them)
+        if self.order.rows_per_epoch == 0:
             raise ValueError(
-                f"{sum(s.samples for s in self.shards)} samples in {n} shards give rank {rank} fewer than one "
-                f"micro-batch of {micro_batch_size} per epoch with {world_size} ranks: lower "
-                "data.micro_batch_size, use fewer devices, or prepare more data"
+                f"{self.order.total} samples in {len(self.shards)} shards give fewer than one global batch of "
+                f"{G} per epoch (rank {rank} of {world_size}, micro-batch {micro_batch_size}): lower "
+                "data.micro_batch_size or data.global_batch_size, or prepare more data"
             )
 
     @property
     def batches_per_epoch(self) -> int:
-        """Micro-batches of the first epoch (later epochs may differ by a few; see batches_in_epoch)."""
-        return self.batches_in_epoch(0)
+        """Micro-batches this rank serves per epoch (the same on every rank)."""
+        n = self.order.rows_per_epoch * self.accumulation
+        return n if self.max_batches is None else min(n, self.max_batches)
 
-    # --- the epoch plan ----------------------------------------------------------------------
-    def _order(self, epoch: int) -> np.ndarray:
-        n = len(self.shards)
-        return _rng(self.seed, epoch).permutation(n) if self.shuffle else np.arange(n)
+    def positions(self, batch: int) -> tuple[int, int]:
+        """The order's positions ``[start, stop)`` of this rank's ``batch``-th micro-batch."""
+        g, m = divmod(batch, self.accumulation)
+        if not self.infinite:  # one epoch, maybe capped: micro-batch i of the epoch
+            g, m = divmod(batch % self.batches_per_epoch, self.accumulation)
+        start = g * self.global_batch + self.rank * (self.global_batch // self.world) + m * self.batch
+        return start, start + self.batch
 
-    def batches_in_epoch(self, epoch: int) -> int:
-        """Micro-batches every rank serves in ``epoch``: what the rank with the fewest samples in
-        that epoch's plan can fill (the same number on all ranks, so DDP never waits)."""
-        key = epoch if self.shuffle else 0
-        if key not in self._epoch_batches_cache:
-            counts, world = self._counts[self._order(key)], self.world
-            whole = world * self.whole_per_rank
-            per_rank = np.array([counts[r:whole:world].sum() for r in range(world)])
-            if self.split_leftovers:
-                for g in range(whole, len(counts), self.mix):  # rank r keeps positions r, r + world, ...
-                    c = counts[g : g + self.mix].sum()
-                    per_rank += np.maximum(0, (c - np.arange(world) + world - 1) // world)
-            n = int(per_rank.min()) // self.batch
-            self._epoch_batches_cache[key] = n if self.max_batches is None else min(n, self.max_batches)
-        return self._epoch_batches_cache[key]
-
-    def locate(self, batch: int) -> tuple[int, int, int]:
-        """(epoch, batch within it, batches of earlier epochs) of this rank's ``batch``-th micro-batch."""
-        epoch, before = 0, 0
-        while batch - before >= self.batches_in_epoch(epoch):
-            before += self.batches_in_epoch(epoch)
-            epoch += 1
-        return epoch, batch - before, before
-
-    def epoch_plan(self, epoch: int) -> list[tuple[tuple[int, ...], np.ndarray]]:
-        """This rank's units for ``epoch``: (shard indices, sample positions in the concatenation
-        of those shards, in serving order)."""
-        return [(unit, self._indices(epoch, unit, split)) for unit, _, split in self._units(epoch)]
-
-    def _units(self, epoch: int) -> Iterator[tuple[tuple[int, ...], int, bool]]:
-        """This rank's (shards read together, samples it takes from them, split among ranks?).
-        Cheap: the permutations are drawn only for the units a worker reads (``_indices``)."""
-        world, order = self.world, self._order(epoch).tolist()
-        whole = world * self.whole_per_rank
-        mine = order[self.rank : whole : world]
-        rest = order[whole:] if self.split_leftovers else []
-        for group, split in ((mine, False), (rest, True)):
-            for g in range(0, len(group), self.mix):
-                unit = tuple(group[g : g + self.mix])
-                total = int(self._counts[list(unit)].sum())
-                yield unit, (len(range(self.rank, total, world)) if split else total), split
-
-    def _indices(self, epoch: int, unit: tuple[int, ...], split: bool) -> np.ndarray:
-        total = int(self._counts[list(unit)].sum())
-        idx = _rng(self.seed, epoch, unit[0] + 1).permutation(total) if self.shuffle else np.arange(total)
-        return idx[self.rank :: self.world] if split else idx
+    def keys(self, batch: int) -> np.ndarray:
+        """Sample keys of this rank's ``batch``-th micro-batch."""
+        return self.order.keys(*self.positions(batch))
 
     # --- iteration ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch, first, before = self.locate(self.start_batch)
-        spare: torch.Tensor | None = None  # a readable validation batch, to stand in for bad ones
+        end = None if self.infinite else self.batches_per_epoch
+        cache: dict[int, np.ndarray | None] = {}  # shard -> samples (None: unreadable)
+        held: dict[int, int] = {}  # partition -> the unit this worker is in (its shards stay cached)
+        reads, failed, epoch_now = 0, 0, None
+        spare: tuple[torch.Tensor, torch.Tensor] | None = None  # a readable validation batch, for bad ones
         owed: list[int] = []  # validation batches still to serve once a readable one turns up
         bad_ids: list[int] = []
-        while True:
-            reads = [0, 0]  # shards read this epoch, of which unreadable
-            for j, rows, bad in self._epoch_batches(epoch, first, before, worker, workers, reads):
-                j += before if j >= 0 else 0
-                bad_ids.extend(bad)
-                if j < 0:
+        i = self.start_batch + worker
+        while end is None or i < end:
+            epoch, unit, shard, index = self.order.locate(*self.positions(i))
+            if epoch != epoch_now:
+                if reads and reads == failed:
+                    raise DataReadError(
+                        f"rank {self.rank} worker {worker}: none of the {reads} shards it needed in epoch "
+                        f"{epoch_now} could be read (e.g. {self.shards[0].url}). Check data.dir / data.shard_url."
+                    )
+                cache.clear()
+                held.clear()
+                reads, failed, epoch_now = 0, 0, epoch
+            for s in np.unique(shard).tolist():
+                if s not in cache:
+                    cache[s] = self._read_shard(s)
+                    reads += 1
+                    if cache[s] is None:
+                        failed += 1
+                        bad_ids.append(s)
+            rows = self._take(cache, shard, index)
+            keys = torch.from_numpy(sample_key(shard, index))
+            self._release(cache, held, epoch, unit)
+            j, g = i, i // self.accumulation
+            i += workers
+            if rows is None:  # training: a placeholder (keeps the workers' round-robin intact);
+                if self.infinite:  # validation: a readable stand-in (keeps the step count)
+                    yield self._item(None, keys, j, g, bad_ids)
+                elif spare is None:
+                    owed.append(j)
                     continue
-                if rows is None:  # training: a placeholder (keeps the workers' round-robin intact);
-                    if self.infinite:  # validation: a readable stand-in (keeps the step count)
-                        yield self._item(None, j, bad_ids)
-                    elif spare is None:
-                        owed.append(j)
-                        continue
-                    else:
-                        yield self._item(spare, j, bad_ids)
-                    bad_ids = []
-                    continue
-                for k in [*owed, j]:
-                    yield self._item(rows, k, bad_ids)
-                    bad_ids = []
-                spare, owed = rows, []
-            if reads[0] and reads[0] == reads[1]:
-                raise DataReadError(
-                    f"rank {self.rank} worker {worker}: none of the {reads[0]} shards it needed in epoch {epoch} "
-                    f"could be read (e.g. {self.shards[0].url}). Check data.dir / data.shard_url."
-                )
-            if not self.infinite:
-                return
-            epoch, first, before = epoch + 1, 0, before + self.batches_in_epoch(epoch)
-
-    def _item(self, rows: torch.Tensor | None, j: int, bad_ids: list[int]) -> dict[str, Any]:
-        # Plain ints travel from worker processes almost for free; each tensor costs a shared-memory
-        # segment, so only the tokens are one.
-        return {"tokens": rows, "batch_index": j, "bad_shards": list(bad_ids)}
-
-    def _epoch_batches(
-        self, epoch: int, first: int, before: int, worker: int, workers: int, reads: list[int]
-    ) -> Iterator[tuple[int, torch.Tensor | None, list[int]]]:
-        """Yield (batch index in the epoch or -1, rows or None if a sample was unreadable, newly bad
-        shards) for the batches of ``worker``: the (start_batch + worker + i * workers)-th ones."""
-        skew = before - self.start_batch - worker
-        B, n_batches = self.batch, self.batches_in_epoch(epoch)
-        pos = 0  # position in this rank's sample sequence
-        parts: dict[int, list[np.ndarray | None]] = {}  # pieces of batches that span shards
-        filled: dict[int, int] = {}
-        for unit, count, split in self._units(epoch):
-            lo, hi = pos, pos + count
-            pos = hi
-            wanted = [j for j in range(max(first, lo // B), min(n_batches, -(-hi // B))) if (j + skew) % workers == 0]
-            if not wanted:
-                if lo >= n_batches * B:
-                    break
+                else:
+                    yield self._item(*spare, j, g, bad_ids)
+                bad_ids = []
                 continue
-            idx = self._indices(epoch, unit, split)
-            take, bad = self._read_unit(unit)
-            reads[0] += len(unit)
-            reads[1] += len(bad)
-            for j in wanted:
-                a, b = max(j * B, lo), min((j + 1) * B, hi)
-                parts.setdefault(j, []).append(take(idx[a - lo : b - lo]))
-                filled[j] = filled.get(j, 0) + b - a
-                if filled[j] == B:
-                    pieces = parts.pop(j)
-                    del filled[j]
-                    ok = all(p is not None for p in pieces)
-                    yield j, (torch.from_numpy(np.concatenate(pieces).astype(np.int64)) if ok else None), bad
-                    bad = []
-            if bad:
-                yield -1, None, bad  # bad shards none of whose batches completed here
+            for k in [*owed, j]:
+                yield self._item(rows, keys, k, k // self.accumulation, bad_ids)
+                bad_ids = []
+            spare, owed = (rows, keys), []
+        if reads and reads == failed:
+            raise DataReadError(
+                f"rank {self.rank} worker {worker}: none of the {reads} shards it needed could be read "
+                f"(e.g. {self.shards[0].url}). Check data.dir / data.shard_url."
+            )
 
-    def _read_unit(self, unit: tuple[int, ...]) -> tuple[Callable[[np.ndarray], np.ndarray | None], list[int]]:
-        """Read a unit's shards; return ``take(rows)`` (the samples at those positions of the
-        shards' concatenation, None if one is unreadable) and the unreadable shards. The shards
-        are not concatenated: a worker holds each once."""
-        arrays = [self._read_shard(s) for s in unit]
-        bad = [s for s, arr in zip(unit, arrays, strict=True) if arr is None]
-        if len(arrays) == 1:
-            return (lambda rows: None if arrays[0] is None else arrays[0][rows]), bad
-        offsets = np.cumsum([0] + [self.shards[s].samples for s in unit])
+    def _take(self, cache: dict[int, np.ndarray | None], shard: np.ndarray, index: np.ndarray) -> torch.Tensor | None:
+        """The micro-batch's rows (None if a sample's shard is unreadable)."""
+        out = np.empty((len(shard), self.sample_len), dtype=np.uint16)
+        for s in np.unique(shard).tolist():
+            arr = cache[s]
+            if arr is None:
+                return None
+            here = shard == s
+            out[here] = arr[index[here]]
+        return torch.from_numpy(out.astype(np.int64))
 
-        def take(rows: np.ndarray) -> np.ndarray | None:
-            which = np.searchsorted(offsets, rows, side="right") - 1
-            out = np.empty((len(rows), self.sample_len), dtype=np.uint16)
-            for k in np.unique(which).tolist():
-                if arrays[k] is None:
-                    return None
-                here = which == k
-                out[here] = arrays[k][rows[here] - offsets[k]]
-            return out
+    def _release(self, cache: dict[int, np.ndarray | None], held: dict[int, int], epoch: int, unit: np.ndarray) -> None:
+        """Advance the worker's current unit per partition and drop shards no current unit holds:
+        units are served in order, so a shard left behind is not needed again this epoch."""
+        partition_of = np.searchsorted(self.order.bounds, self.order.unit_bounds[unit], side="right") - 1
+        changed = False
+        for p, u in zip(partition_of.tolist(), unit.tolist(), strict=True):
+            if held.get(p, -1) < u:
+                held[p], changed = u, True
+        if changed:
+            keep = {int(s) for u in held.values() for s in self.order.unit_shards(epoch, u)}
+            for s in [s for s in cache if s not in keep]:
+                del cache[s]
 
-        return take, bad
+    def _item(
+        self, rows: torch.Tensor | None, keys: torch.Tensor, j: int, g: int, bad_ids: list[int]
+    ) -> dict[str, Any]:
+        # Plain ints travel from worker processes almost for free; each tensor costs a shared-memory
+        # segment, so only the tokens and the keys are ones.
+        return {"tokens": rows, "sample_keys": keys, "batch_index": j, "global_batch": g, "bad_shards": list(bad_ids)}
 
     def _read_shard(self, s: int) -> np.ndarray | None:
         """The shard's samples, or None (with a warning) when it cannot be read. Remote shards
         (URLs, ``pipe:``) get ``REMOTE_ATTEMPTS`` tries, as network reads fail transiently."""
+        self.shards_read.append(s)
         shard = self.shards[s]
         remote = "://" in shard.url or shard.url.startswith("pipe:")
         attempts = REMOTE_ATTEMPTS if remote else 1
