@@ -167,6 +167,11 @@ class ProgressPrinter(L.Callback):
         if per_source:
             line += " | " + ", ".join(f"{name} {value:.4f}" for name, value in per_source.items())
         self._print(trainer, line)
+        ledger = _mixture_ledger(trainer)
+        if ledger:  # where each source of a mixture stands: also logged, as data/epochs/<source>
+            self._print(trainer, "data epochs: " + ", ".join(f"{n} {r['epochs_float']:.3f}" for n, r in ledger.items()))
+            for lg in trainer.loggers if trainer.is_global_zero else ():
+                lg.log_metrics({f"data/epochs/{n}": r["epochs_float"] for n, r in ledger.items()}, trainer.global_step)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._bar is not None:
@@ -178,6 +183,12 @@ def source_losses(metrics: dict[str, Any]) -> dict[str, float]:
     """The validation loss of each source (``val/loss/<source>``) in logged ``metrics``."""
     prefix = "val/loss/"
     return {k[len(prefix) :]: _scalar(v) for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def _mixture_ledger(trainer: L.Trainer) -> dict[str, dict[str, float]] | None:
+    """Samples and epochs per source of a mixture so far (cgpt.data.datamodule.PackedDataModule)."""
+    datamodule = getattr(trainer, "datamodule", None)
+    return datamodule.mixture_ledger() if hasattr(datamodule, "mixture_ledger") else None
 
 
 def _zero_shot(trainer: L.Trainer) -> dict[str, Any]:
@@ -241,6 +252,7 @@ class RunSummary(L.Callback):
             "num_params": pl_module.model.num_params() if pl_module.model is not None else None,
             "bad_shards_skipped": _bad_shards(trainer.datamodule),
             **_zero_shot(trainer),
+            **({"data_sources": ledger} if (ledger := _mixture_ledger(trainer)) else {}),
             **extra,
             "config": self.config,
         }

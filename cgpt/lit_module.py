@@ -62,7 +62,7 @@ class CerebrasGPTModule(L.LightningModule):
         self.init_from: str | None = None  # set by set_init_from(); not a hyperparameter
         self._val_sums: torch.Tensor | None = None  # (sum of weighted losses, weight) this validation
         self.val_names: list[str | None] = [None]  # what each validation loader scores; see set_val_sources
-        self.val_weights: list[float] = [1.0]
+        self.val_weights: Callable[[int], Sequence[float]] = lambda step: [1.0]
         self._source_sums: torch.Tensor | None = None  # (loaders, 2): the same sums per validation loader
         self.rng_after_build: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see configure_model
         # Called with each optimizer step's pre-clip global gradient norm; True drops the update
@@ -80,13 +80,19 @@ class CerebrasGPTModule(L.LightningModule):
         self.tokens_per_step = seq_len * global_batch_size
         self.seq_len = seq_len
 
-    def set_val_sources(self, names: Sequence[str | None], weights: Sequence[float]) -> None:
+    def set_val_sources(
+        self, names: Sequence[str | None], weights: Sequence[float] | Callable[[int], Sequence[float]]
+    ) -> None:
         """Name the validation loaders (the datamodule's ``val_names``): loader ``i`` logs
         ``val/loss/<names[i]>`` (None: nothing of its own), and ``val/loss`` is the mean of the
-        loaders' losses with ``weights`` (a mixture's weights; ``[1, 0, ...]``: the first loader's)."""
-        if len(names) != len(weights) or not sum(weights) > 0:
-            raise ValueError(f"one weight per validation loader, not all zero: {list(names)}, {list(weights)}")
-        self.val_names, self.val_weights = list(names), [float(w) for w in weights]
+        loaders' losses with ``weights`` (a mixture's weights, or a function of the optimizer step
+        giving them; ``[1, 0, ...]``: the first loader's). A runtime value, not a hyperparameter."""
+        fixed = None if callable(weights) else [float(w) for w in weights]
+        self.val_names = list(names)
+        self.val_weights = (lambda step: fixed) if fixed is not None else weights
+        first = list(self.val_weights(0))
+        if len(first) != len(self.val_names) or not sum(first) > 0:
+            raise ValueError(f"one weight per validation loader, not all zero: {self.val_names}, {first}")
 
     def set_init_from(self, source: str | None) -> None:
         """Load the weights of ``source`` (see :mod:`cgpt.init_from`) when the model is built.
@@ -224,7 +230,7 @@ class CerebrasGPTModule(L.LightningModule):
         for name, mean in zip(self.val_names, means, strict=True):
             if name is not None:
                 self.log(f"val/loss/{name}", mean.float(), add_dataloader_idx=False)
-        weights = torch.tensor(self.val_weights, dtype=torch.float64, device=means.device)
+        weights = torch.tensor(list(self.val_weights(self.global_step)), dtype=torch.float64, device=means.device)
         loss = (weights * means).sum() / weights.sum()
         self.log("val/loss", loss.float(), prog_bar=True, add_dataloader_idx=False)
         self.log("val/ppl", torch.exp(loss).float(), add_dataloader_idx=False)

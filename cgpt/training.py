@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from cgpt.callbacks import RunSummary
 from cgpt.checkpoint import AtomicCheckpointIO
+from cgpt.data.mixture import MixturePlan
 from cgpt.guard import EXIT_GUARD_STOPPED, StepGuard, build_guard
 from cgpt.hardware import (
     accelerator_device_type,
@@ -95,26 +96,32 @@ def pretrain_components(config: dict[str, Any]) -> tuple[Any, Any]:
     module = CerebrasGPTModule(**_module_kwargs(config))
     module.set_init_from(config.get("init_from"))
     d = config["data"]
-    train_dir, val_sources = training_sources(d)
+    train_dir, val_sources, mixture, schedule = training_sources(d)
     datamodule = PackedDataModule(
         data_dir=train_dir, micro_batch_size=d["micro_batch_size"], num_workers=d["num_workers"],
         seed=config["seed"], shard_url=d["shard_url"], val_batches=d["val_batches"], mix_shards=d.get("mix_shards", 4),
         partitions=d.get("partitions", DEFAULT_PARTITIONS),
-        val_sources=val_sources,
+        val_sources=val_sources, mixture=mixture, schedule=schedule,
     )  # fmt: skip
     datamodule.validate(d["seq_len"], module.model_config.vocab_size, block_size=module.model_config.block_size)
     names = datamodule.val_names
-    module.set_val_sources(names, [1.0] + [0.0] * (len(names) - 1))  # val/loss stays the training data's
+    if datamodule.mixture:  # val/loss: the sources' losses weighted as training draws them at that step
+        extra = [0.0] * len(val_sources)
+        weights = MixturePlan.from_sources(mixture, 1, schedule).weights_at
+        module.set_val_sources(names, lambda step: [*weights(step).tolist(), *extra])
+    else:  # val/loss stays the training data's
+        module.set_val_sources(names, lambda step: [1.0] + [0.0] * (len(names) - 1))
     if config.get("init_from"):
         m = datamodule.meta
         _print_tokenizer_notes(config["init_from"], m.tokenizer, m.vocab_size, m.eos_id)
     return module, datamodule
 
 
-def training_sources(data: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:
-    """The folder to train on and the extra ``(name, dir)`` folders to validate on, from the data
-    config (``dir`` or ``sources`` + ``schedule``, and ``val_sources``), checked before training:
-    a :class:`~cgpt.config.ConfigError` says what to fix (see :func:`cgpt.data.mixture.parse_mixture`
+def training_sources(data: dict[str, Any]) -> tuple[str, list[tuple[str, str]], list[Any], list[Any]]:
+    """From the data config (``dir`` or ``sources`` + ``schedule``, and ``val_sources``): the first
+    training folder, the extra ``(name, dir)`` folders to validate on, and the mixture's sources and
+    weight changes (a one-source list is ``data.dir``). Checked before training: a
+    :class:`~cgpt.config.ConfigError` says what to fix (see :func:`cgpt.data.mixture.parse_mixture`
     and :func:`cgpt.data.mixture.check_source_folders`)."""
     from cgpt.config import ConfigError
     from cgpt.data.mixture import check_source_folders, parse_mixture
@@ -130,13 +137,12 @@ def training_sources(data: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:
         raise ConfigError(f"data.val_sources: duplicate name(s) in {names}; give each folder its own name")
     if data.get("sources"):
         check_source_folders(sources)
-    if len(sources) > 1 or schedule:
-        raise ConfigError(
-            f"data.sources names {len(sources)} sources: training on a weighted mixture needs the mixture data "
-            "stream, which this version does not have yet (the plan is cgpt/data/mixture.py). Train on one "
-            "folder (data.dir) and score the others at each validation with data.val_sources: [{name, dir}, ...]"
-        )
-    return sources[0].dir, extra
+    clash = sorted({s.name for s in sources} & set(names)) if len(sources) > 1 else []
+    if clash:
+        raise ConfigError(f"data.val_sources: {clash} already name data.sources, which are validated anyway")
+    if schedule and len(sources) < 2:
+        raise ConfigError("data.schedule changes the weights of a mixture: list two or more data.sources")
+    return sources[0].dir, extra, sources if len(sources) > 1 else [], schedule
 
 
 def finetune_components(config: dict[str, Any]) -> tuple[Any, Any]:

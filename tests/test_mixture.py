@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cgpt.config import ConfigError
 from cgpt.data.mixture import MixturePlan, WeightChange, check_source_folders, parse_mixture
@@ -158,7 +159,8 @@ def test_per_source_validation_losses_equal_evaluate_py(
     from cgpt.training import training_sources
 
     data = {"dir": str(tiny_data_dir), "val_sources": [{"name": "other", "dir": str(other_data_dir)}]}
-    train_dir, extra = training_sources(data)
+    train_dir, extra, mixture, _ = training_sources(data)
+    assert mixture == []
     L.seed_everything(0)
     module = CerebrasGPTModule({"name": "cerebras-gpt-tiny", "block_size": 64}, fused_loss=False)
     datamodule = PackedDataModule(train_dir, micro_batch_size=4, val_batches=3, val_sources=extra)
@@ -185,16 +187,20 @@ def test_per_source_validation_losses_equal_evaluate_py(
     assert set(written["val_loss_per_source"]) == {"main", "other"}
 
 
-def test_several_training_sources_are_refused_until_the_stream_mixes(tiny_data_dir: Path, other_data_dir: Path):
+def test_training_sources_from_the_data_config(tiny_data_dir: Path, other_data_dir: Path) -> None:
     from cgpt.training import training_sources
 
     two = [{"name": "a", "dir": str(tiny_data_dir), "weight": 2}, {"name": "b", "dir": str(other_data_dir)}]
-    with pytest.raises(ConfigError, match="data.val_sources"):
-        training_sources({"dir": None, "sources": two})
+    first, extra, mixture, schedule = training_sources({"dir": None, "sources": two})
+    assert (first, extra, [m.name for m in mixture], schedule) == (str(tiny_data_dir), [], ["a", "b"], [])
+    with pytest.raises(ConfigError, match="already name data.sources"):
+        training_sources({"dir": None, "sources": two, "val_sources": [{"name": "b", "dir": str(other_data_dir)}]})
     one = training_sources(
         {"dir": None, "sources": two[:1], "val_sources": [{"name": "b", "dir": str(other_data_dir)}]}
     )
-    assert one == (str(tiny_data_dir), [("b", str(other_data_dir))])
+    assert one == (str(tiny_data_dir), [("b", str(other_data_dir))], [], [])  # one source is data.dir
+    with pytest.raises(ConfigError, match="two or more data.sources"):
+        training_sources({"dir": None, "sources": two[:1], "schedule": [{"step": 3, "weights": {"a": 1}}]})
 
 
 def test_pile_config_has_the_published_weights(tmp_path: Path) -> None:
@@ -209,3 +215,99 @@ def test_pile_config_has_the_published_weights(tmp_path: Path) -> None:
     assert [s.weight for s in sources][:3] == [18.11, 14.40, 12.07]
     with pytest.raises(ConfigError, match="pile_cc.*prepare it with data/prepare.py"):  # not prepared here
         training_sources(dict(cfg.data))
+
+
+# --- the mixture stream ---------------------------------------------------------------------------
+def _mixture_stream(dirs: list[Path], weights: list[float], G: int, **kw):
+    from cgpt.data.datamodule import PackedDataModule
+    from cgpt.data.stream import MixtureStream
+
+    shards = [PackedDataModule(str(d))._shards("train") for d in dirs]
+    plan = MixturePlan([f"s{k}" for k in range(len(dirs))], weights, G)
+    return MixtureStream(shards, plan, 65, **kw)
+
+
+def _take(stream, n: int) -> list[dict]:
+    it = iter(stream)
+    return [next(it) for _ in range(n)]
+
+
+def test_mixture_stream_is_the_same_at_any_world_size_and_worker_count(tiny_data_dir: Path, other_data_dir: Path):
+    from cgpt.data.datamodule import PackedLoader
+
+    dirs, w = [tiny_data_dir, other_data_dir], [0.7, 0.3]
+    one = _take(_mixture_stream(dirs, w, 8, micro_batch_size=8), 6)  # 6 global batches, 1 rank, 1 micro-batch each
+    ranks = []  # 2 ranks x 2 accumulation steps of 2; rank 1 through a DataLoader with 2 workers
+    for rank in (0, 1):
+        stream = _mixture_stream(dirs, w, 8, micro_batch_size=2, rank=rank, world_size=2)
+        items = (
+            _take(stream, 12)
+            if rank == 0
+            else list(zip(range(12), PackedLoader(stream, batch_size=None, num_workers=2)))
+        )
+        ranks.append([x[1] if isinstance(x, tuple) else x for x in items])
+    for g in range(6):
+        joined = [item for r in (0, 1) for item in ranks[r][2 * g : 2 * g + 2]]  # rank 0's slots, then rank 1's
+        assert torch.equal(torch.cat([x["tokens"] for x in joined]), one[g]["tokens"])
+        assert torch.equal(torch.cat([x["sample_keys"] for x in joined]), one[g]["sample_keys"])
+        assert {x["global_batch"] for x in joined} == {g}
+
+
+def test_mixture_stream_shares_epochs_and_exact_resume(tiny_data_dir: Path, other_data_dir: Path):
+    from cgpt.data.stream import KEY_SHIFT, SOURCE_SHIFT
+
+    stream = _mixture_stream([tiny_data_dir, other_data_dir, tiny_data_dir], [0.6, 0.3, 0.1], 32, micro_batch_size=32)
+    n = -(-10_000 // 32)
+    keys = np.concatenate([stream.keys(i) for i in range(n)])
+    source = keys >> SOURCE_SHIFT
+    shares = np.bincount(source) / len(keys)
+    assert np.abs(shares - [0.6, 0.3, 0.1]).max() < 0.001, shares  # token shares: every sample is seq_len tokens
+    assert np.bincount(source).tolist() == stream.plan.consumed(n).tolist()
+    # source 0 (0.6 of 32 a batch) rolls over every ~139 batches: each epoch serves distinct samples, and
+    # the next epoch the same samples again (but for each epoch's small drop) in another order
+    per_epoch, total = stream.epoch_samples[0], stream.orders[0].total
+    first = keys[source == 0][:per_epoch] & ((1 << SOURCE_SHIFT) - 1)
+    second = keys[source == 0][per_epoch : 2 * per_epoch] & ((1 << SOURCE_SHIFT) - 1)
+    assert len(np.unique(first)) == len(np.unique(second)) == per_epoch
+    assert len(set(first.tolist()) & set(second.tolist())) >= per_epoch - (total - per_epoch)
+    assert not np.array_equal(first, second)
+    assert first.max() >> KEY_SHIFT < 30  # shard ids of that source's own list
+    ledger = stream.plan.ledger(n, stream.epoch_samples)
+    assert ledger.epochs[0] == stream.plan.consumed(n)[0] // per_epoch >= 2
+    # a stream started at micro-batch 150 serves what the uninterrupted one served from there
+    resumed = _mixture_stream(
+        [tiny_data_dir, other_data_dir, tiny_data_dir], [0.6, 0.3, 0.1], 32, micro_batch_size=32, start_batch=150
+    )
+    again = _take(resumed, 3)
+    assert [x["batch_index"] for x in again] == [150, 151, 152]
+    for x in again:
+        assert torch.equal(x["sample_keys"], torch.from_numpy(stream.keys(x["batch_index"])))
+
+
+@pytest.mark.slow
+def test_mixture_run_logs_sources_and_resumes_exactly(tiny_data_dir: Path, other_data_dir: Path, tmp_path: Path):
+    """train/pretrain.py on a two-source mixture: per-source validation, the ledger in summary.json,
+    and a run stopped at step 4 and resumed consumes exactly the samples of an uninterrupted run."""
+    from conftest import STEPS, pretrain_args, run_script
+
+    def train(out: Path, *extra: str, trace: Path):
+        args = pretrain_args(tiny_data_dir, out, "auto", 1, *mix, *extra)
+        return run_script(args, timeout=400, env={"CGPT_DATA_TRACE": str(trace)})
+
+    mix = [
+        "data.dir=null",
+        f"data.sources=[{{name: a, dir: {tiny_data_dir}, weight: 0.7}},"
+        f" {{name: b, dir: {other_data_dir}, weight: 0.3}}]",
+    ]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    proc = train(whole, trace=tmp_path / "trace-whole")
+    assert "data epochs: a " in proc.stdout and "| a " in proc.stdout
+    summary = json.loads((whole / "summary.json").read_text())
+    assert set(summary["val_loss_per_source"]) == {"a", "b"}
+    ledger = summary["data_sources"]
+    plan = MixturePlan(["a", "b"], [0.7, 0.3], 8)
+    assert [ledger[n]["samples"] for n in "ab"] == plan.consumed(STEPS).tolist()
+    train(split, "trainer.max_steps=4", trace=tmp_path / "trace-split")
+    train(split, trace=tmp_path / "trace-split")
+    lines = [(tmp_path / f"trace-{name}.rank0").read_text().splitlines() for name in ("whole", "split")]
+    assert len(lines[0]) == STEPS * 2 and lines[1] == lines[0]  # 2 micro-batches a step, the same samples
