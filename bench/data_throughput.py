@@ -1,6 +1,7 @@
 """Shard-reading throughput of one dataloader worker vs what a GPU consumes.
 
     python bench/data_throughput.py [--data DIR] [--seconds 10] [--micro-batch-size 16]
+    python bench/data_throughput.py --sources 3 --shards 2   # a weighted mixture of 3 synthetic sources
 
 Without ``--data`` it writes a synthetic dataset (random token ids, seq_len 2048, 64 MB shards)
 to a temporary folder. It then times ``PackedStream`` (the training reader: CRC check, decode,
@@ -8,6 +9,10 @@ in-shard shuffle, micro-batch assembly) in this process and through a DataLoader
 process (adds the transfer to the training process), and prints tokens/s next to the rate at
 which cerebras-gpt-111m consumes tokens on one H200 at 50% MFU (from the FLOPs formula). The goal
 is that one worker supplies at least 20x that rate.
+
+With ``--sources N`` (N >= 2) it writes N synthetic sources and also times ``MixtureStream`` over
+them (weights 0.6/0.3/0.1 for three, equal otherwise) against ``PackedStream`` over the first
+source alone; the mixture must keep at least 0.9x the single-source rate through one worker.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ from torch.utils.data import DataLoader
 
 from cgpt.config import ModelConfig
 from cgpt.data.datamodule import PackedDataModule
+from cgpt.data.mixture import MixturePlan
 from cgpt.data.shards import TOKEN_DTYPE, DatasetMeta, ShardWriter
-from cgpt.data.stream import PackedStream
+from cgpt.data.stream import MixtureStream, PackedStream
 from cgpt.hardware import GPU_BF16_PEAK_FLOPS
 
 GOAL = 20.0
+MIXTURE_GOAL = 0.9  # a mixture's one-worker rate over a single source's
 
 
 def synthetic_dataset(out: Path, seq_len: int = 2048, shards: int = 4, shard_mb: float = 64.0) -> None:
@@ -80,13 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="cerebras-gpt-111m")
     p.add_argument("--gpu", default="H200", choices=sorted(GPU_BF16_PEAK_FLOPS))
     p.add_argument("--mfu", type=float, default=0.5)
+    p.add_argument("--sources", type=int, default=1, help="synthetic sources of a mixture (>= 2) to time too")
+    p.add_argument("--shards", type=int, default=4, help="64 MB shards per synthetic source")
+    p.add_argument("--repeats", type=int, default=3, help="with --sources: alternated measurements, best kept")
     args = p.parse_args(argv)
+    if args.sources > 1:
+        return mixture_main(args)
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data) if args.data else Path(tmp)
         if not args.data:
-            print("writing a synthetic dataset (4 x 64 MB shards, seq_len 2048) ...", flush=True)
-            synthetic_dataset(data)
+            print(f"writing a synthetic dataset ({args.shards} x 64 MB shards, seq_len 2048) ...", flush=True)
+            synthetic_dataset(data, shards=args.shards)
         dm = PackedDataModule(str(data), micro_batch_size=args.micro_batch_size)
         stream = PackedStream(dm._shards("train"), dm.meta.sample_len, args.micro_batch_size, seed=0)
         in_process, _ = time_reader(stream, args.seconds)
@@ -105,6 +117,46 @@ def main(argv: list[str] | None = None) -> int:
         ratio = rate / need
         print(f"{label} supplies {ratio:.1f}x that (goal: >= {GOAL:.0f}x): {'OK' if ratio >= GOAL else 'BELOW GOAL'}")
     return 0 if one_worker / need >= GOAL else 1
+
+
+def mixture_main(args: argparse.Namespace) -> int:
+    """Time a mixture of ``args.sources`` synthetic sources against its first source alone."""
+    n, B = args.sources, args.micro_batch_size
+    weights = [0.6, 0.3, 0.1] if n == 3 else [1.0] * n
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = [Path(tmp) / f"source{k}" for k in range(n)]
+        print(f"writing {n} synthetic sources ({args.shards} x 64 MB shards each, seq_len 2048) ...", flush=True)
+        for d in dirs:
+            d.mkdir()
+            synthetic_dataset(d, shards=args.shards)
+        modules = [PackedDataModule(str(d), micro_batch_size=B) for d in dirs]
+        meta = modules[0].meta
+        single = PackedStream(modules[0]._shards("train"), meta.sample_len, B, seed=0)
+        plan = MixturePlan([f"source{k}" for k in range(n)], weights, B)
+        mixture = MixtureStream([m._shards("train") for m in modules], plan, meta.sample_len, B, seed=0)
+        # alternated, best of --repeats: a shared machine's load drifts over a minute
+        rates: dict[str, tuple[float, float]] = {}
+        for _ in range(args.repeats):
+            for name, stream in (("single source", single), (f"{n}-source mixture", mixture)):
+                in_process = time_reader(stream, args.seconds)[0]
+                loader = DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4)
+                one_worker = time_reader(loader, args.seconds)[0]
+                best = rates.get(name, (0.0, 0.0))
+                rates[name] = (max(best[0], in_process), max(best[1], one_worker))
+        need = consumption_rate(args.model, args.gpu, args.mfu, meta.seq_len)
+    print(f"data: seq_len {meta.seq_len}, micro-batch {B}, weights {weights}")
+    for name, (in_process, one_worker) in rates.items():
+        print(
+            f"{name:>18}: in-process {in_process / 1e6:8.2f} M tokens/s, one worker {one_worker / 1e6:8.2f} M tokens/s"
+        )
+    print(f"{args.model} on one {args.gpu} at {100 * args.mfu:.0f}% MFU consumes {need / 1e6:10.3f} M tokens/s")
+    mix_rate, single_rate = rates[f"{n}-source mixture"][1], rates["single source"][1]
+    ratio, share = mix_rate / need, mix_rate / single_rate
+    print(f"one worker on the mixture supplies {ratio:.1f}x that (goal: >= {GOAL:.0f}x): "
+          f"{'OK' if ratio >= GOAL else 'BELOW GOAL'}")  # fmt: skip
+    print(f"mixture / single source through one worker: {share:.2f} (goal: >= {MIXTURE_GOAL}): "
+          f"{'OK' if share >= MIXTURE_GOAL else 'BELOW GOAL'}")  # fmt: skip
+    return 0 if ratio >= GOAL and share >= MIXTURE_GOAL else 1
 
 
 if __name__ == "__main__":

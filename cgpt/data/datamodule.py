@@ -279,7 +279,7 @@ class PackedDataModule(L.LightningDataModule):
             stream: Any = MixtureStream(
                 [self._shards("train", k) for k in range(len(self.mixture))], self.plan(global_batch),
                 self.meta.sample_len, self.micro_batch_size, rank, world, seed=self.seed, start_batch=start,
-                mix_shards=self.mix_shards, partitions=self.partitions,
+                mix_shards=self.mix_shards,
             )  # fmt: skip
         else:
             stream = PackedStream(

@@ -212,6 +212,7 @@ class MixturePlan:
         done = len(self._counts)
         if n_batches <= done:
             return
+        n_batches = max(n_batches, 2 * done, done + 1024)  # in chunks: a stream asks one batch further each time
         G, S = self.global_batch, len(self.names)
         index = np.searchsorted(self._steps, np.arange(done, n_batches), side="right") - 1
         # the cumulative target: an exact running sum (float64 holds it exactly far past any run)

@@ -432,8 +432,11 @@ class MixtureStream(IterableDataset):
         sources: each source's training shards (from its meta.json).
         plan: the slots per source of every global batch (its ``global_batch`` is ``G``).
         sample_len: tokens per sample (``seq_len + 1``), the same for every source.
-        micro_batch_size, rank, world_size, seed, start_batch, mix_shards, partitions: as
-            :class:`PackedStream`'s.
+        micro_batch_size, rank, world_size, seed, start_batch, mix_shards: as :class:`PackedStream`'s.
+
+    A source's order has one partition: its block of a global batch is a run of consecutive positions,
+    so a worker holds about ``mix_shards`` shards of each source (several partitions would spread
+    every block over all of them). The price: every rank reads every shard of every source.
     """
 
     def __init__(
@@ -447,7 +450,6 @@ class MixtureStream(IterableDataset):
         seed: int = 0,
         start_batch: int = 0,
         mix_shards: int = 4,
-        partitions: int = DEFAULT_PARTITIONS,
     ) -> None:
         super().__init__()
         G = plan.global_batch
@@ -467,7 +469,7 @@ class MixtureStream(IterableDataset):
         self.mix = mix_shards
         # every source its own order; the seed key keeps two sources of one size from sharing permutations
         self.orders = [
-            SampleOrder([s.samples for s in shards], G, partitions, mix_shards, seed * 1_000_003 + k + 1, True)
+            SampleOrder([s.samples for s in shards], G, 1, mix_shards, seed * 1_000_003 + k + 1, True)
             for k, shards in enumerate(self.sources)
         ]
         self.offsets = np.concatenate([[0], np.cumsum([len(s) for s in self.sources])]).tolist()
@@ -507,7 +509,7 @@ class MixtureStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         caches: list[dict[int, np.ndarray | None]] = [{} for _ in self.sources]
-        limit = 2 * self.mix + 2  # shards a worker keeps per source; the oldest go first (units are read in order)
+        limit = self.mix + 2  # shards a worker keeps per source; the oldest go first (units are read in order)
         bad_ids: list[int] = []
         i = self.start_batch + worker
         while True:
