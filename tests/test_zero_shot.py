@@ -76,8 +76,11 @@ def test_in_loop_scores_split_over_fsdp_ranks_equal_evaluate_py(tiny_data_dir: P
     # 6 and 3 examples over 2 ranks: the ranks run different numbers of forward passes, which FSDP's
     # parameter gathers only survive if the lighter rank keeps step
     out = tmp_path / "run"
-    train(tiny_data_dir, out, "fsdp", 2, EVAL, "eval.batch_size=3")
+    val_sources = f"data.val_sources=[{{name: again, dir: {tiny_data_dir}}}]"  # per-source sums over 2 ranks too
+    train(tiny_data_dir, out, "fsdp", 2, EVAL, "eval.batch_size=3", val_sources)
     _check_run(out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val_loss_per_source"]["again"] == pytest.approx(summary["val_loss"], rel=1e-6)
 
 
 def test_bad_eval_settings_are_refused_before_training(tmp_path: Path) -> None:
