@@ -90,3 +90,26 @@ def test_bad_eval_settings_are_refused_before_training(tmp_path: Path) -> None:
         ZeroShotEval([str(TASKS[0])], every_n_validations=0)
     with pytest.raises(ConfigError, match="same name"):
         ZeroShotEval([str(TASKS[0]), str(TASKS[0])])
+
+
+def test_every_n_validations_counts_real_validations_and_survives_a_resume(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    import cgpt.zero_shot as zero_shot
+
+    scored: list[int] = []
+    monkeypatch.setattr(zero_shot, "score_tasks", lambda *a, **k: scored.append(trainer.global_step) or {})
+    callback = ZeroShotEval([str(TASKS[0])], every_n_validations=2)
+    trainer = SimpleNamespace(sanity_checking=True, global_step=0, is_global_zero=False)
+    module = SimpleNamespace(model=None)
+    callback.on_validation_epoch_end(trainer, module)  # the sanity check does not count
+    trainer.sanity_checking = False
+    for step in (10, 20, 30):
+        trainer.global_step = step
+        callback.on_validation_epoch_end(trainer, module)
+    assert scored == [20]
+    resumed = ZeroShotEval([str(TASKS[0])], every_n_validations=2)
+    resumed.load_state_dict(callback.state_dict())  # 3 validations so far: the 4th scores
+    trainer.global_step = 40
+    resumed.on_validation_epoch_end(trainer, module)
+    assert scored == [20, 40]
