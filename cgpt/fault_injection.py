@@ -7,7 +7,11 @@ Kinds (on rank ``rank`` only, during optimizer step ``step``, counted from 1 as 
 
 - ``nan_loss``: the loss of each micro-batch of that step is multiplied by NaN (loss and gradients NaN);
 - ``scale_loss``: the loss is multiplied by ``factor`` (a spike, with gradients ``factor`` times larger);
-- ``sleep``: the training step sleeps ``seconds`` (a hung or straggling rank).
+- ``sleep``: the training step sleeps ``seconds`` (a hung or straggling rank);
+- ``pause``: the training step prints ``fault injection: paused at step S`` and waits until the file
+  ``release`` exists (at most ``seconds``), so a test can act at a known step (send a signal, take a
+  SLURM node down) and then let the run go on. A run that reaches the step again after ``release``
+  was created (a resumed one) does not wait.
 
 With ``record_dir`` set, every rank writes ``weights-rank<R>-step<S>.pt`` (its local parameter shards
 after steps ``step - 1``, ``step`` and ``step + 1``) and, at the end, ``decisions-rank<R>.json`` (the
@@ -25,16 +29,19 @@ from typing import Any
 import lightning as L
 import torch
 
-KINDS = ("nan_loss", "scale_loss", "sleep")
+KINDS = ("nan_loss", "scale_loss", "sleep", "pause")
 
 
 class FaultInjector(L.Callback):
     """See the module docstring."""
 
     def __init__(self, kind: str, step: int, rank: int = 1, factor: float = 100.0, seconds: float = 60.0,
-                 record_dir: str | None = None) -> None:  # fmt: skip
+                 record_dir: str | None = None, release: str | None = None) -> None:  # fmt: skip
         if kind not in KINDS:
             raise ValueError(f"FaultInjector(kind={kind!r}): use one of {KINDS}")
+        if kind == "pause" and not release:
+            raise ValueError("FaultInjector(kind='pause') needs release=<file the test creates to resume>")
+        self.release = Path(release) if release else None
         self.kind, self.step, self.rank = kind, int(step), int(rank)
         self.factor, self.seconds = float(factor), float(seconds)
         self.record_dir = Path(record_dir) if record_dir else None
@@ -51,6 +58,9 @@ class FaultInjector(L.Callback):
                 return loss * math.nan
             if injector.kind == "scale_loss":
                 return loss * injector.factor
+            if injector.kind == "pause":
+                _pause(injector.release, injector.step, injector.seconds)
+                return loss
             _sleep(injector.seconds)
             return loss
 
@@ -83,6 +93,15 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     if hasattr(p, "to_local"):
         return p.to_local()
     return getattr(p, "ds_tensor", p)
+
+
+def _pause(release: Path, step: int, seconds: float) -> None:
+    if release.exists():
+        return
+    print(f"fault injection: paused at step {step}", flush=True)
+    deadline = time.monotonic() + seconds
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _sleep(seconds: float) -> None:

@@ -14,6 +14,7 @@ The one mechanism for SLURM jobs (Lightning's own auto-requeue is switched off i
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -83,6 +84,10 @@ class PreemptionHandler(L.Callback):
         # Ranks get the signal at slightly different times: stop together when any rank has it.
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
+        if self.received == signal.SIGTERM:
+            # SLURM sent SIGTERM to the whole step, W&B's service process included, which exits on it:
+            # log nothing more to W&B (the resumed run continues it), or the next log call raises.
+            trainer.loggers = [lg for lg in trainer.loggers if type(lg).__name__ != "WandbLogger"]
         path = self.dirpath / LAST
         trainer.save_checkpoint(path)
         self.saved_step = trainer.global_step
@@ -108,6 +113,24 @@ class PreemptionHandler(L.Callback):
         raise SystemExit(EXIT_PREEMPTED)
 
 
+def leave_signals_to_main_process(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a worker ignores the preemption signals.
+
+    SLURM signals every process of a job step (SIGTERM on preemption or ``scancel --signal=TERM``,
+    USR1 before the time limit), data workers included, and PyTorch's workers die on SIGTERM; the
+    main process would then fail fetching the next batch instead of saving at the step boundary.
+    The main process alone acts on the signal and shuts its workers down as usual. Also seeds the
+    worker as Lightning does after ``seed_everything(workers=True)`` (which it skips when a loader
+    has its own ``worker_init_fn``).
+    """
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", "0")):
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
+
+
 def _signal(name: str | int) -> signal.Signals:
     try:
         return signal.Signals[name] if isinstance(name, str) else signal.Signals(name)
@@ -119,4 +142,8 @@ def _finish_wandb() -> None:
     """Flush and close an active W&B run, so its files are complete before SLURM kills the job."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish(exit_code=EXIT_PREEMPTED)
+        try:
+            wandb.finish(exit_code=EXIT_PREEMPTED)
+        except Exception as e:  # its service died on the same SIGTERM: requeue all the same
+            print(f"W&B run not closed cleanly ({type(e).__name__}: {e}); requeueing anyway", file=sys.stderr,
+                  flush=True)  # fmt: skip

@@ -50,7 +50,8 @@ def plan_batch(global_batch_size: int, micro_batch_size: int, devices: int, num_
         raise ConfigError(
             f"data.global_batch_size={global_batch_size} is not divisible by data.micro_batch_size="
             f"{micro_batch_size} x trainer.devices={devices} x trainer.num_nodes={num_nodes} = {per_pass}. "
-            f"Device counts that work with this micro-batch: trainer.devices in {per_node or 'none'}"
+            f"Device counts that work with this micro-batch: trainer.devices in "
+            f"{per_node or 'none (the micro-batch does not divide the global batch)'}"
             + (f" (with trainer.num_nodes={num_nodes})" if num_nodes > 1 else "")
             + f", i.e. world sizes {world_sizes(global_batch_size, micro_batch_size)}; micro-batch sizes that fit "
             f"this world size: {divisors[-6:] or 'none'}; or change data.global_batch_size (which changes the "

@@ -31,6 +31,10 @@ class SlurmConfig:
 
     job_name: str = "cgpt"
     nodes: int = 1
+    # Fewest nodes the job may run on (sbatch --nodes=min_nodes-nodes): a job requeued after one of
+    # its nodes failed restarts on the nodes left and resumes at the smaller world size (same global
+    # batch, more gradient accumulation). None: exactly ``nodes``.
+    min_nodes: int | None = None
     # Devices (GPUs, or CPU processes with accelerator=cpu) per node = tasks per node.
     gpus_per_node: int = 1
     # "gpu" requests --gpus-per-node and sets NCCL variables; "cpu" requests neither.
@@ -65,6 +69,10 @@ class SlurmConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"slurm.{key} must be a positive integer, got {value!r}")
+        if self.min_nodes is not None and not (isinstance(self.min_nodes, int) and 1 <= self.min_nodes <= self.nodes):
+            raise ConfigError(
+                f"slurm.min_nodes={self.min_nodes!r} must be an integer from 1 to slurm.nodes={self.nodes}"
+            )
         if self.accelerator not in ("gpu", "cpu"):
             raise ConfigError(f"slurm.accelerator must be 'gpu' or 'cpu', got {self.accelerator!r}")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.job_name):
@@ -79,6 +87,16 @@ class SlurmConfig:
     @property
     def ntasks(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def node_counts(self) -> range:
+        """Every node count the job may run on: ``min_nodes..nodes`` (only ``nodes`` when not elastic)."""
+        return range(self.min_nodes or self.nodes, self.nodes + 1)
+
+    @property
+    def elastic(self) -> bool:
+        """True when the job may start (or restart) on fewer than ``nodes`` nodes."""
+        return self.min_nodes is not None and self.min_nodes < self.nodes
 
 
 def parse_time(value: str | int) -> int:
@@ -118,7 +136,8 @@ def check_resources(slurm: SlurmConfig, devices: object, num_nodes: object, acce
 
 
 def check_environment(devices: object, num_nodes: object, environ: Mapping[str, str] | None = None) -> None:
-    """Inside a SLURM job step: refuse a task layout that does not match the trainer (instead of a hang).
+    """Inside a SLURM job step: refuse a task layout that does not match the trainer (instead of a hang),
+    and print where this task runs (``SLURM task 1/2 on node 1 (cgpt-n2)``), so the job log shows the layout.
 
     Does nothing outside ``srun`` (no SLURM_STEP_ID) or for single-task steps such as an interactive shell.
     """
@@ -126,7 +145,9 @@ def check_environment(devices: object, num_nodes: object, environ: Mapping[str, 
     if "SLURM_STEP_ID" not in env or "SLURM_NTASKS" not in env or env.get("SLURM_JOB_NAME") in ("bash", "interactive"):
         return
     ntasks = int(env["SLURM_NTASKS"])
-    if ntasks == 1 and devices in (1, "auto"):
+    where = f"node {env.get('SLURM_NODEID', '?')} ({env.get('SLURMD_NODENAME', '?')})"
+    print(f"SLURM task {env.get('SLURM_PROCID', '?')}/{ntasks} on {where}", flush=True)
+    if ntasks == 1 and devices in (1, "auto") and num_nodes == 1:
         return
     if not isinstance(devices, int) or not isinstance(num_nodes, int) or ntasks != devices * num_nodes:
         raise ConfigError(
@@ -136,13 +157,27 @@ def check_environment(devices: object, num_nodes: object, environ: Mapping[str, 
 
 
 def render_sbatch(slurm: SlurmConfig, command: Sequence[str]) -> str:
-    """The batch script that runs ``command`` once per device under ``srun``."""
-    sbatch = [
-        f"--job-name={slurm.job_name}",
-        f"--nodes={slurm.nodes}",
-        f"--ntasks-per-node={slurm.gpus_per_node}",
-        f"--cpus-per-task={slurm.cpus_per_task}",
-    ]
+    """The batch script that runs ``command`` once per device under ``srun``.
+
+    An elastic job (``min_nodes`` < ``nodes``) requests ``--nodes=MIN-MAX`` and one CPU block per node
+    (``--ntasks-per-node`` would pin SLURM to MIN nodes); ``srun`` then starts the tasks per node, and
+    ``trainer.num_nodes`` is appended to ``command`` as the node count the job actually got.
+    """
+    if slurm.elastic:
+        sbatch = [
+            f"--job-name={slurm.job_name}",
+            f"--nodes={slurm.min_nodes}-{slurm.nodes}",
+            f"--cpus-per-task={slurm.cpus_per_task * slurm.gpus_per_node}",
+        ]
+        srun = f"--ntasks-per-node={slurm.gpus_per_node} --cpus-per-task={slurm.cpus_per_task}"
+    else:
+        sbatch = [
+            f"--job-name={slurm.job_name}",
+            f"--nodes={slurm.nodes}",
+            f"--ntasks-per-node={slurm.gpus_per_node}",
+            f"--cpus-per-task={slurm.cpus_per_task}",
+        ]
+        srun = f"--cpus-per-task={slurm.cpus_per_task}"
     if slurm.accelerator == "gpu":
         sbatch.append(f"--gpus-per-node={slurm.gpus_per_node}")
     if slurm.mem is not None:
@@ -164,6 +199,9 @@ def render_sbatch(slurm: SlurmConfig, command: Sequence[str]) -> str:
         env.update(NCCL_ENV)
     env.update({k: str(v) for k, v in slurm.env.items()})
     port = str(slurm.master_port) if slurm.master_port else "$((10000 + SLURM_JOB_ID % 50000))"
+    args = [shlex.join(command[:2]), *(shlex.quote(c) for c in command[2:])]
+    if slurm.elastic:
+        args.append('trainer.num_nodes="$SLURM_JOB_NUM_NODES"')
 
     return TEMPLATE.read_text().format(
         sbatch="\n".join(f"#SBATCH {line}" for line in sbatch),
@@ -172,8 +210,8 @@ def render_sbatch(slurm: SlurmConfig, command: Sequence[str]) -> str:
         setup="\n".join(slurm.setup) if slurm.setup else "# (no setup lines)",
         env="\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
         master_port=port,
-        cpus_per_task=slurm.cpus_per_task,
-        command=" \\\n    ".join([shlex.join(command[:2]), *(shlex.quote(c) for c in command[2:])]),
+        srun_options=srun,
+        command=" \\\n    ".join(args),
     )
 
 

@@ -83,8 +83,11 @@ def main(argv: list[str] | None = None) -> str:
     # Preflight: what would otherwise hang at init or fail after the job waited in the queue.
     check_resources(slurm, cfg.trainer.devices, cfg.trainer.num_nodes, cfg.trainer.accelerator)
     if cfg.data.global_batch_size:  # (null: the preset's batch, checked when the job builds the model)
-        plan_batch(cfg.data.global_batch_size, cfg.data.micro_batch_size, slurm.gpus_per_node, slurm.nodes)
+        for nodes in slurm.node_counts:  # an elastic job keeps its global batch on fewer nodes
+            plan_batch(cfg.data.global_batch_size, cfg.data.micro_batch_size, slurm.gpus_per_node, nodes)
     command = [slurm.python, "train/pretrain.py", *train, *extra]
+    if slurm.elastic:  # the job passes the node count it got (render_sbatch)
+        command = [c for c in command if not c.lstrip("+").startswith("trainer.num_nodes=")]
     script = render_sbatch(slurm, command)
     if args.dry_run or cfg.slurm.dry_run:
         print(script, end="")

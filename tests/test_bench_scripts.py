@@ -20,6 +20,8 @@ def test_data_throughput_measures_a_prepared_folder(tiny_data_dir: Path, capsys:
     assert "data: seq_len 64, micro-batch 2" in out
     rates = [float(m) for m in re.findall(r"(?:in-process|worker):\s+([\d.]+) M tokens/s", out)]
     assert len(rates) == 2 and all(r > 0 for r in rates), out
+    io = dict(re.findall(r"world (\d): MB read per rank \[[\d, ]+\] = ([\d.]+) of the split", out))
+    assert set(io) == {"1", "2", "4", "8"} and float(io["1"]) == 1.0 and float(io["2"]) < 1.0, out  # batch 16 of 2s
     verdict = re.search(r"one DataLoader worker supplies [\d.]+x that \(goal: >= \d+x\): (OK|BELOW GOAL)", out)
     assert verdict and rc == (0 if verdict.group(1) == "OK" else 1), out  # the exit status is the verdict
 

@@ -48,7 +48,10 @@ def test_resume_at_another_world_size_continues_the_ledger_and_losses(tiny_data_
     full, two_to_one, one_to_two = tmp_path / "full", tmp_path / "w2to1", tmp_path / "w1to2"
     keep = "callbacks.checkpoint.keep_last=3"  # checkpoints at steps 2, 4 and 6
     _run(tiny_data_dir, full, 2, keep)
-    _run(tiny_data_dir, two_to_one, 1, keep, f"resume={full / 'checkpoints' / 'step0000002.ckpt'}")
+    # 1 process with 2 DataLoader workers (the uninterrupted run had none)
+    _run(
+        tiny_data_dir, two_to_one, 1, keep, "data.num_workers=2", f"resume={full / 'checkpoints' / 'step0000002.ckpt'}"
+    )
     _run(tiny_data_dir, one_to_two, 2, keep, f"resume={two_to_one / 'checkpoints' / 'step0000004.ckpt'}")
     ref, ref_losses, ref_norms = ledger(full / "trace"), losses(full), grad_norms(full)
     assert sorted(ref) == list(range(STEPS)) and all(len(k) == 8 for k in ref.values())

@@ -14,6 +14,7 @@ import torch
 
 from cgpt.data.datamodule import DataMismatchError, PackedDataModule
 from cgpt.data.shards import ShardFormatError
+from cgpt.data.stream import split_key
 
 
 def _ids(loader, n: int) -> list[list[int]]:
@@ -61,6 +62,17 @@ def test_missing_or_empty_data_is_refused(data: Path, tmp_path: Path) -> None:
     (data / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(DataMismatchError, match="train split is empty"):
         PackedDataModule(str(data)).validate(None, 50257)
+
+
+def test_training_batches_carry_sample_keys(data: Path) -> None:
+    dm = PackedDataModule(str(data), micro_batch_size=4, seed=7, num_workers=1)
+    stream = dm.train_dataloader().dataset
+    for i, b in zip(range(3), dm.train_dataloader()):
+        keys = b["sample_keys"]
+        assert keys.dtype == torch.int64 and keys.shape == (4,) and keys.tolist() == stream.keys(i).tolist()
+        shard, index = split_key(keys.numpy())
+        for row, s, k in zip(b["tokens"], shard, index, strict=True):  # each key names its row's sample
+            assert row[:8].tolist() == stream._read_shard(int(s))[int(k)][:8].tolist()
 
 
 def test_shard_url_pipe_reads_the_same_batches(data: Path) -> None:
@@ -122,7 +134,7 @@ def _keys(dm: PackedDataModule, world: int, global_batches: int) -> list[list[in
         dm.trainer = SimpleNamespace(training=True, global_rank=rank, world_size=world)
         stream = dm.train_dataloader().dataset
         for _, b in zip(range(global_batches * stream.accumulation), stream):
-            out.setdefault(b["global_batch"], []).extend(b["sample_keys"].tolist())
+            out.setdefault(b["global_batch"], []).extend(b["sample_keys"])
     return [sorted(out[g]) for g in sorted(out)]
 
 

@@ -87,6 +87,30 @@ def test_preflight_refuses_trainer_sbatch_mismatch(capsys: pytest.CaptureFixture
     assert capsys.readouterr().out == ""  # nothing rendered for a refused config
 
 
+def test_elastic_job_asks_for_a_node_range_and_passes_the_node_count_it_got(capsys: pytest.CaptureFixture) -> None:
+    """slurm.min_nodes: --nodes=MIN-MAX, no --ntasks-per-node in the allocation (it would pin SLURM to
+    MIN nodes), srun starts the tasks per node, and the job's trainer.num_nodes is the count it got."""
+    main = _submit_main()
+    script = main(["--dry-run", *COMMON, "slurm.nodes=4", "slurm.min_nodes=2", "slurm.gpus_per_node=8",
+                   "slurm.cpus_per_task=4", "data.global_batch_size=192", "data.micro_batch_size=2"])  # fmt: skip
+    sbatch = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --nodes=2-4" in sbatch and "#SBATCH --cpus-per-task=32" in sbatch
+    assert not any("--ntasks-per-node" in line for line in sbatch)
+    assert "srun --kill-on-bad-exit=1 --ntasks-per-node=8 --cpus-per-task=4 \\" in script
+    assert script.rstrip().endswith('trainer.num_nodes="$SLURM_JOB_NUM_NODES"') and "trainer.num_nodes=4" not in script
+    # The global batch must divide over every node count the job may get.
+    with pytest.raises(ConfigError, match="not divisible"):
+        main(["--dry-run", *COMMON, "slurm.nodes=4", "slurm.min_nodes=3", "slurm.gpus_per_node=1",
+              "data.global_batch_size=8", "data.micro_batch_size=1"])  # fmt: skip
+    with pytest.raises(ConfigError, match="slurm.min_nodes=3 must be an integer from 1 to slurm.nodes=2"):
+        SlurmConfig(nodes=2, min_nodes=3)
+    assert not SlurmConfig(nodes=2, min_nodes=2).elastic and list(SlurmConfig(nodes=3, min_nodes=2).node_counts) == [
+        2,
+        3,
+    ]
+    capsys.readouterr()
+
+
 def test_check_resources_and_environment() -> None:
     s = SlurmConfig(nodes=2, gpus_per_node=4)
     check_resources(s, 4, 2, "gpu")
@@ -97,6 +121,8 @@ def test_check_resources_and_environment() -> None:
     with pytest.raises(ConfigError, match="runs 8 tasks but trainer.devices=1"):
         check_environment(1, 1, env)
     check_environment(1, 1, {"SLURM_JOB_NAME": "cgpt", "SLURM_NTASKS": "8"})  # the batch shell, not a step
+    with pytest.raises(ConfigError, match="runs 1 tasks but trainer.devices=1 x trainer.num_nodes=2"):
+        check_environment(1, 2, {**env, "SLURM_NTASKS": "1"})  # an elastic job restarted on fewer nodes
     check_environment(1, 1, {**env, "SLURM_JOB_NAME": "bash"})  # interactive allocation
 
 
@@ -178,6 +204,22 @@ def test_every_default_preemption_signal_sets_the_flag_and_restores_the_old_hand
     finally:
         handler.restore()
     assert signal.getsignal(sig) is before
+
+
+def test_dataloader_workers_leave_preemption_signals_to_the_main_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SLURM signals every process of a step; a data worker that died on SIGTERM would make the main
+    process fail instead of saving (seen with scancel --signal=TERM before workers ignored it)."""
+    from cgpt.preemption import leave_signals_to_main_process
+
+    signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    before = {sig: signal.getsignal(sig) for sig in signals}
+    monkeypatch.setenv("PL_SEED_WORKERS", "0")
+    try:
+        leave_signals_to_main_process(0)
+        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in signals)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def _fake_run(max_steps: int = 4):

@@ -56,9 +56,9 @@ def ledger(shards: list[Shard], world: int, micro: int, workers: int, n: int, st
                          partitions=P, start_batch=start * G // (micro * world))  # fmt: skip
         loader = DataLoader(s, batch_size=None, num_workers=workers)
         for _, b in zip(range((n - start) * s.accumulation), loader):
-            shard, index = split_key(b["sample_keys"].numpy())
+            shard, index = split_key(b["sample_keys"])
             assert b["tokens"][:, 0].tolist() == (OFFSETS[shard] + index).tolist()  # the keys name the tokens
-            got.setdefault(b["global_batch"], []).extend(b["sample_keys"].tolist())
+            got.setdefault(b["global_batch"], []).extend(b["sample_keys"])
     assert sorted(got) == list(range(start, n))
     assert all(len(v) == G for v in got.values())
     return [sorted(got[g]) for g in range(start, n)]

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from cgpt.data.mixture import MixturePlan
 from cgpt.data.shards import DatasetMeta
 from cgpt.data.stream import DEFAULT_PARTITIONS, MixtureStream, PackedStream, Shard
+from cgpt.preemption import leave_signals_to_main_process
 
 # File prefix: each rank appends a line per training micro-batch it consumes (global batch, keys).
 TRACE_ENV = "CGPT_DATA_TRACE"
@@ -34,7 +35,9 @@ ORDER = "global-partitions-v1"  # the order a checkpoint's data position counts 
 class PackedLoader(DataLoader):
     """A DataLoader that drops the placeholders of batches that needed an unreadable shard
     (``tokens`` None) after handing them to ``on_skip``, in the training process, so the order
-    of the remaining batches is still independent of the number of workers."""
+    of the remaining batches is still independent of the number of workers. It makes each batch's
+    ``sample_keys`` an int64 tensor of shape (B,) here (a list of ints crosses from the worker
+    process for free; a second tensor would cost a shared-memory segment per batch)."""
 
     on_skip: Callable[[dict[str, Any]], None] | None = None
 
@@ -44,6 +47,8 @@ class PackedLoader(DataLoader):
                 if self.on_skip is not None:
                     self.on_skip(batch)
                 continue
+            if isinstance(batch, dict) and isinstance(batch.get("sample_keys"), list):
+                batch["sample_keys"] = torch.tensor(batch["sample_keys"], dtype=torch.int64)
             yield batch
 
 
@@ -265,6 +270,7 @@ class PackedDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
             prefetch_factor=4 if self.num_workers > 0 else None,
+            worker_init_fn=leave_signals_to_main_process,  # SLURM's SIGTERM reaches workers too
         )
         loader.on_skip = lambda batch: self._note_bad_shards(batch.get("bad_shards"), split, source)
         return loader

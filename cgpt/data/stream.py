@@ -201,8 +201,9 @@ class SampleOrder:
 
 
 class PackedStream(IterableDataset):
-    """Micro-batches ``{"tokens": LongTensor (B, seq_len + 1), "sample_keys": LongTensor (B,),
-    "batch_index": int, "global_batch": int, "bad_shards": [int]}``.
+    """Micro-batches ``{"tokens": LongTensor (B, seq_len + 1), "sample_keys": [int] * B,
+    "batch_index": int, "global_batch": int, "bad_shards": [int]}`` (the data module's loader
+    turns ``sample_keys`` into an int64 tensor of shape (B,)).
 
     ``batch_index`` counts this rank's micro-batches from the start of training and
     ``global_batch`` is the optimizer step's batch it belongs to; ``bad_shards`` lists shards
@@ -302,12 +303,16 @@ class PackedStream(IterableDataset):
     # --- iteration ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.serve(*((info.id, info.num_workers) if info is not None else (0, 1)))
+
+    def serve(self, worker: int = 0, workers: int = 1) -> Iterator[dict[str, Any]]:
+        """The micro-batches DataLoader worker ``worker`` of ``workers`` serves: this rank's
+        ``start_batch + worker``-th, then every ``workers``-th after it."""
         end = None if self.infinite else self.batches_per_epoch
         cache: dict[int, np.ndarray | None] = {}  # shard -> samples (None: unreadable)
         held: dict[int, int] = {}  # partition -> the unit this worker is in (its shards stay cached)
         reads, failed, epoch_now = 0, 0, None
-        spare: tuple[torch.Tensor, torch.Tensor] | None = None  # a readable validation batch, for bad ones
+        spare: tuple[torch.Tensor, list[int]] | None = None  # a readable validation batch, for bad ones
         owed: list[int] = []  # validation batches still to serve once a readable one turns up
         bad_ids: list[int] = []
         i = self.start_batch + worker
@@ -330,7 +335,7 @@ class PackedStream(IterableDataset):
                         failed += 1
                         bad_ids.append(s)
             rows = self._take(cache, shard, index)
-            keys = torch.from_numpy(sample_key(shard, index))
+            keys = sample_key(shard, index).tolist()
             self._release(cache, held, epoch, unit)
             j, g = i, i // self.accumulation
             i += workers
@@ -378,11 +383,9 @@ class PackedStream(IterableDataset):
             for s in [s for s in cache if s not in keep]:
                 del cache[s]
 
-    def _item(
-        self, rows: torch.Tensor | None, keys: torch.Tensor, j: int, g: int, bad_ids: list[int]
-    ) -> dict[str, Any]:
+    def _item(self, rows: torch.Tensor | None, keys: list[int], j: int, g: int, bad_ids: list[int]) -> dict[str, Any]:
         # Plain ints travel from worker processes almost for free; each tensor costs a shared-memory
-        # segment, so only the tokens and the keys are ones.
+        # segment, so only the tokens are one (the loader makes the keys a tensor: PackedLoader).
         return {"tokens": rows, "sample_keys": keys, "batch_index": j, "global_batch": g, "bad_shards": list(bad_ids)}
 
     def _read_shard(self, s: int) -> np.ndarray | None:

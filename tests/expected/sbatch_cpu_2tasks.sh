@@ -23,7 +23,7 @@ export MASTER_PORT=$((10000 + SLURM_JOB_ID % 50000))
 export OMP_NUM_THREADS=1
 export PYTHONUNBUFFERED=1
 
-echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST, master $MASTER_ADDR:$MASTER_PORT"
+echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NUM_NODES node(s) $SLURM_JOB_NODELIST, master $MASTER_ADDR:$MASTER_PORT"
 srun --kill-on-bad-exit=1 --cpus-per-task=1 \
     python train/pretrain.py \
     paths.root_dir=/srv/cgpt \

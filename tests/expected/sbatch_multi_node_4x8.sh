@@ -31,7 +31,7 @@ export NCCL_DEBUG=WARN
 export NCCL_SOCKET_IFNAME=ib0
 export PYTHONUNBUFFERED=1
 
-echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST, master $MASTER_ADDR:$MASTER_PORT"
+echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NUM_NODES node(s) $SLURM_JOB_NODELIST, master $MASTER_ADDR:$MASTER_PORT"
 srun --kill-on-bad-exit=1 --cpus-per-task=8 \
     python train/pretrain.py \
     paths.root_dir=/srv/cgpt \
