@@ -516,9 +516,9 @@ class MixtureStream(IterableDataset):
         bad_ids: list[int] = []
         i = self.start_batch + worker
         while True:
-            rows: list[np.ndarray] = []
+            out = np.empty((self.batch, self.sample_len), dtype=np.int64)  # filled in place: one copy per sample
             keys: list[np.ndarray] = []
-            readable = True
+            readable, row = True, 0
             for k, start, stop in self.pieces(i):
                 key = self.orders[k].keys(start, stop)
                 shard, index = key >> KEY_SHIFT, key & ((1 << KEY_SHIFT) - 1)
@@ -532,13 +532,13 @@ class MixtureStream(IterableDataset):
                             bad_ids.append(self.offsets[k] + s)
                 readable = readable and all(cache[s] is not None for s in needed)
                 if readable:
-                    part = np.empty((len(shard), self.sample_len), dtype=np.uint16)
+                    part = out[row : row + len(shard)]
                     for s in needed:
                         here = shard == s
                         part[here] = cache[s][index[here]]
-                    rows.append(part)
+                row += len(shard)
                 keys.append((np.int64(k) << SOURCE_SHIFT) | key)
-            tokens = torch.from_numpy(np.concatenate(rows).astype(np.int64)) if readable else None
+            tokens = torch.from_numpy(out) if readable else None
             yield {
                 "tokens": tokens,  # None: a placeholder the data module's loader drops (a shard was unreadable)
                 "sample_keys": torch.from_numpy(np.concatenate(keys)),
