@@ -1,6 +1,7 @@
 """Shard-reading throughput of one dataloader worker vs what a GPU consumes.
 
     python bench/data_throughput.py [--data DIR] [--seconds 10] [--micro-batch-size 16]
+    python bench/data_throughput.py --sources 3 --shards 2   # a weighted mixture of 3 synthetic sources
 
 Without ``--data`` it writes a synthetic dataset (random token ids, seq_len 2048, 64 MB shards)
 to a temporary folder. It then times ``PackedStream`` (the training reader: CRC check, decode,
@@ -14,6 +15,10 @@ It also measures the I/O of the global order (cgpt/data/stream.py): for world si
 batches (the real reader, in this process, counting the shards it opens), and with ``--workers``
 DataLoader workers per rank, the bytes each worker reads. A rank should read about ``1/W`` of the
 split (plus shards at its partitions' boundaries).
+
+With ``--sources N`` (N >= 2) it writes N synthetic sources and also times ``MixtureStream`` over
+them (weights 0.6/0.3/0.1 for three, equal otherwise) against ``PackedStream`` over the first
+source alone; the mixture must keep at least 0.9x the single-source rate through one worker.
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ from torch.utils.data import DataLoader
 
 from cgpt.config import ModelConfig
 from cgpt.data.datamodule import PackedDataModule
+from cgpt.data.mixture import MixturePlan
 from cgpt.data.shards import TOKEN_DTYPE, DatasetMeta, ShardWriter
-from cgpt.data.stream import PackedStream
+from cgpt.data.stream import MixtureStream, PackedStream
 from cgpt.hardware import GPU_BF16_PEAK_FLOPS
 
 GOAL = 20.0
+MIXTURE_GOAL = 0.9  # a mixture's one-worker rate over a single source's
 
 
 def synthetic_dataset(out: Path, seq_len: int = 2048, shards: int = 4, shard_mb: float = 64.0) -> None:
@@ -117,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         "--io-batches", type=int, default=None, help="global batches per I/O measurement (default: an epoch)"
     )
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank in the I/O measurement")
+    p.add_argument("--sources", type=int, default=1, help="synthetic sources of a mixture (>= 2) to time too")
+    p.add_argument("--repeats", type=int, default=3, help="with --sources: alternated measurements, best kept")
     args = p.parse_args(argv)
+    if args.sources > 1:
+        return mixture_main(args)
     global_batch = args.global_batch_size or 8 * args.micro_batch_size
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,6 +174,46 @@ def main(argv: list[str] | None = None) -> int:
         ratio = rate / need
         print(f"{label} supplies {ratio:.1f}x that (goal: >= {GOAL:.0f}x): {'OK' if ratio >= GOAL else 'BELOW GOAL'}")
     return 0 if one_worker / need >= GOAL else 1
+
+
+def mixture_main(args: argparse.Namespace) -> int:
+    """Time a mixture of ``args.sources`` synthetic sources against its first source alone."""
+    n, B = args.sources, args.micro_batch_size
+    weights = [0.6, 0.3, 0.1] if n == 3 else [1.0] * n
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = [Path(tmp) / f"source{k}" for k in range(n)]
+        print(f"writing {n} synthetic sources ({args.shards} x {args.shard_mb:g} MB shards each) ...", flush=True)
+        for d in dirs:
+            d.mkdir()
+            synthetic_dataset(d, shards=args.shards, shard_mb=args.shard_mb)
+        modules = [PackedDataModule(str(d), micro_batch_size=B) for d in dirs]
+        meta = modules[0].meta
+        single = PackedStream(modules[0]._shards("train"), meta.sample_len, B, seed=0)
+        plan = MixturePlan([f"source{k}" for k in range(n)], weights, B)
+        mixture = MixtureStream([m._shards("train") for m in modules], plan, meta.sample_len, B, seed=0)
+        # alternated, best of --repeats: a shared machine's load drifts over a minute
+        rates: dict[str, tuple[float, float]] = {}
+        for _ in range(args.repeats):
+            for name, stream in (("single source", single), (f"{n}-source mixture", mixture)):
+                in_process = time_reader(stream, args.seconds)[0]
+                loader = DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4)
+                one_worker = time_reader(loader, args.seconds)[0]
+                best = rates.get(name, (0.0, 0.0))
+                rates[name] = (max(best[0], in_process), max(best[1], one_worker))
+        need = consumption_rate(args.model, args.gpu, args.mfu, meta.seq_len)
+    print(f"data: seq_len {meta.seq_len}, micro-batch {B}, weights {weights}")
+    for name, (in_process, one_worker) in rates.items():
+        print(
+            f"{name:>18}: in-process {in_process / 1e6:8.2f} M tokens/s, one worker {one_worker / 1e6:8.2f} M tokens/s"
+        )
+    print(f"{args.model} on one {args.gpu} at {100 * args.mfu:.0f}% MFU consumes {need / 1e6:10.3f} M tokens/s")
+    mix_rate, single_rate = rates[f"{n}-source mixture"][1], rates["single source"][1]
+    ratio, share = mix_rate / need, mix_rate / single_rate
+    print(f"one worker on the mixture supplies {ratio:.1f}x that (goal: >= {GOAL:.0f}x): "
+          f"{'OK' if ratio >= GOAL else 'BELOW GOAL'}")  # fmt: skip
+    print(f"mixture / single source through one worker: {share:.2f} (goal: >= {MIXTURE_GOAL}): "
+          f"{'OK' if share >= MIXTURE_GOAL else 'BELOW GOAL'}")  # fmt: skip
+    return 0 if ratio >= GOAL and share >= MIXTURE_GOAL else 1
 
 
 if __name__ == "__main__":

@@ -162,12 +162,41 @@ class ProgressPrinter(L.Callback):
         if trainer.sanity_checking or "val/loss" not in trainer.callback_metrics:
             return
         loss = _scalar(trainer.callback_metrics["val/loss"])
-        self._print(trainer, f"step {trainer.global_step}: val loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.1f})")
+        line = f"step {trainer.global_step}: val loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.1f})"
+        per_source = source_losses(trainer.callback_metrics)
+        if per_source:
+            line += " | " + ", ".join(f"{name} {value:.4f}" for name, value in per_source.items())
+        self._print(trainer, line)
+        ledger = _mixture_ledger(trainer)
+        if ledger:  # where each source of a mixture stands: also logged, as data/epochs/<source>
+            self._print(trainer, "data epochs: " + ", ".join(f"{n} {r['epochs_float']:.3f}" for n, r in ledger.items()))
+            for lg in trainer.loggers if trainer.is_global_zero else ():
+                lg.log_metrics({f"data/epochs/{n}": r["epochs_float"] for n, r in ledger.items()}, trainer.global_step)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def source_losses(metrics: dict[str, Any]) -> dict[str, float]:
+    """The validation loss of each source (``val/loss/<source>``) in logged ``metrics``."""
+    prefix = "val/loss/"
+    return {k[len(prefix) :]: _scalar(v) for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def _mixture_ledger(trainer: L.Trainer) -> dict[str, dict[str, float]] | None:
+    """Samples and epochs per source of a mixture so far (cgpt.data.datamodule.PackedDataModule)."""
+    datamodule = getattr(trainer, "datamodule", None)
+    return datamodule.mixture_ledger() if hasattr(datamodule, "mixture_ledger") else None
+
+
+def _zero_shot(trainer: L.Trainer) -> dict[str, Any]:
+    """``{"zero_shot": latest scores}`` when the run scores zero-shot tasks (cgpt.zero_shot), else {}."""
+    from cgpt.zero_shot import ZeroShotEval
+
+    found = [c for c in trainer.callbacks if isinstance(c, ZeroShotEval)]
+    return {"zero_shot": found[0].summary()} if found else {}
 
 
 def _bad_shards(datamodule: Any) -> int:
@@ -213,6 +242,7 @@ class RunSummary(L.Callback):
             "train_loss": _scalar(m.get("train/loss", self.last_train_loss)),
             "val_loss": _scalar(m.get("val/loss")),
             "val_ppl": _scalar(m.get("val/ppl")),
+            "val_loss_per_source": source_losses(m),
             "steps": trainer.global_step,
             "steps_this_run": steps_run,
             "tokens_seen": trainer.global_step * pl_module.tokens_per_step,
@@ -221,6 +251,8 @@ class RunSummary(L.Callback):
             "wall_time_sec": wall,
             "num_params": pl_module.model.num_params() if pl_module.model is not None else None,
             "bad_shards_skipped": _bad_shards(trainer.datamodule),
+            **_zero_shot(trainer),
+            **({"data_sources": ledger} if (ledger := _mixture_ledger(trainer)) else {}),
             **extra,
             "config": self.config,
         }

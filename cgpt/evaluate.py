@@ -202,21 +202,17 @@ def load_task(path: str | Path, limit: int | None = None) -> tuple[str, list[dic
     return kind, rows
 
 
-def evaluate_multiple_choice(
+def multiple_choice_counts(
     model: LogitsFn,
     tokenizer: Any,
     examples: Iterable[dict[str, Any]],
     batch_size: int = 8,
     block_size: int | None = None,
-) -> dict[str, float]:
-    """Zero-shot multiple choice: ``acc`` (highest log-likelihood is gold) and ``acc_norm``
-    (highest log-likelihood per character of the continuation is gold)."""
+) -> tuple[int, int, int]:
+    """(examples whose highest log-likelihood is gold, whose highest log-likelihood per character
+    of the continuation is gold, examples): sums, so that shares of a task add up over ranks."""
     examples = list(examples)
-    requests, owners = [], []
-    for i, ex in enumerate(examples):
-        for choice in ex["continuations"]:
-            requests.append(encode_pair(tokenizer, ex["context"], choice))
-            owners.append(i)
+    requests = [encode_pair(tokenizer, ex["context"], choice) for ex in examples for choice in ex["continuations"]]
     scores = loglikelihoods(model, requests, batch_size, block_size)
     acc = acc_norm = 0
     k = 0
@@ -227,14 +223,41 @@ def evaluate_multiple_choice(
         acc += int(max(range(n), key=ll.__getitem__) == ex["gold"])
         acc_norm += int(max(range(n), key=norm.__getitem__) == ex["gold"])
         k += n
-    total = max(1, len(examples))
-    return {"acc": acc / total, "acc_norm": acc_norm / total, "examples": len(examples)}
+    return acc, acc_norm, len(examples)
+
+
+def evaluate_multiple_choice(
+    model: LogitsFn,
+    tokenizer: Any,
+    examples: Iterable[dict[str, Any]],
+    batch_size: int = 8,
+    block_size: int | None = None,
+) -> dict[str, float]:
+    """Zero-shot multiple choice: ``acc`` (highest log-likelihood is gold) and ``acc_norm``
+    (highest log-likelihood per character of the continuation is gold)."""
+    acc, acc_norm, n = multiple_choice_counts(model, tokenizer, examples, batch_size, block_size)
+    return {"acc": acc / max(1, n), "acc_norm": acc_norm / max(1, n), "examples": n}
 
 
 def split_last_word(text: str) -> tuple[str, str]:
     """LAMBADA: (context, " " + last word)."""
     context, word = text.rstrip().rsplit(" ", 1)
     return context, " " + word
+
+
+def lambada_sums(
+    model: LogitsFn,
+    tokenizer: Any,
+    examples: Iterable[dict[str, Any]],
+    batch_size: int = 8,
+    block_size: int | None = None,
+) -> tuple[int, float, int]:
+    """(examples whose last word greedy decoding reproduces, sum of the last words'
+    log-likelihoods, examples): sums, so that a task's scores add up over ranks."""
+    examples = list(examples)
+    requests = [encode_pair(tokenizer, *split_last_word(ex["text"])) for ex in examples]
+    scores = loglikelihoods(model, requests, batch_size, block_size)
+    return sum(g for _, g in scores), sum(s for s, _ in scores), len(examples)
 
 
 def evaluate_lambada(
@@ -246,15 +269,8 @@ def evaluate_lambada(
 ) -> dict[str, float]:
     """LAMBADA: ``acc`` (greedy decoding reproduces the last word) and ``ppl`` (exp of minus the
     mean log-likelihood of the last word), as lm-eval's lambada_openai."""
-    examples = list(examples)
-    requests = [encode_pair(tokenizer, *split_last_word(ex["text"])) for ex in examples]
-    scores = loglikelihoods(model, requests, batch_size, block_size)
-    mean_ll = sum(s for s, _ in scores) / max(1, len(scores))
-    return {
-        "acc": sum(g for _, g in scores) / max(1, len(scores)),
-        "ppl": math.exp(-mean_ll),
-        "examples": len(examples),
-    }
+    greedy, total_ll, n = lambada_sums(model, tokenizer, examples, batch_size, block_size)
+    return {"acc": greedy / max(1, n), "ppl": math.exp(-total_ll / max(1, n)), "examples": n}
 
 
 def evaluate_task(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -63,6 +63,9 @@ class CerebrasGPTModule(L.LightningModule):
         self.init_from: str | None = None  # set by set_init_from(); not a hyperparameter
         self._step_loss: tuple[int, torch.Tensor, int] | None = None  # (step, sum, micro-batches) of train/loss
         self._val_sums: torch.Tensor | None = None  # (sum of weighted losses, weight) this validation
+        self.val_names: list[str | None] = [None]  # what each validation loader scores; see set_val_sources
+        self.val_weights: Callable[[int], Sequence[float]] = lambda step: [1.0]
+        self._source_sums: torch.Tensor | None = None  # (loaders, 2): the same sums per validation loader
         self.rng_after_build: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see configure_model
         # Called with each optimizer step's pre-clip global gradient norm; True drops the update
         # (set by cgpt.guard.StepGuard; under DeepSpeed the strategy calls it inside its own step).
@@ -85,6 +88,20 @@ class CerebrasGPTModule(L.LightningModule):
             )
         self.tokens_per_step = seq_len * global_batch_size
         self.seq_len = seq_len
+
+    def set_val_sources(
+        self, names: Sequence[str | None], weights: Sequence[float] | Callable[[int], Sequence[float]]
+    ) -> None:
+        """Name the validation loaders (the datamodule's ``val_names``): loader ``i`` logs
+        ``val/loss/<names[i]>`` (None: nothing of its own), and ``val/loss`` is the mean of the
+        loaders' losses with ``weights`` (a mixture's weights, or a function of the optimizer step
+        giving them; ``[1, 0, ...]``: the first loader's). A runtime value, not a hyperparameter."""
+        fixed = None if callable(weights) else [float(w) for w in weights]
+        self.val_names = list(names)
+        self.val_weights = (lambda step: fixed) if fixed is not None else weights
+        first = list(self.val_weights(0))
+        if len(first) != len(self.val_names) or not sum(first) > 0:
+            raise ValueError(f"one weight per validation loader, not all zero: {self.val_names}, {first}")
 
     def set_init_from(self, source: str | None) -> None:
         """Load the weights of ``source`` (see :mod:`cgpt.init_from`) when the model is built.
@@ -222,11 +239,18 @@ class CerebrasGPTModule(L.LightningModule):
         every = trainer.log_every_n_steps
         return bool(every) and step % every == 0 or (trainer.max_steps or 0) > 0 and step >= trainer.max_steps
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         tokens = batch["tokens"]  # every sample: quarantine keys name training samples
         loss = self.model.loss(tokens[:, :-1], tokens[:, 1:])
         # Batches are equal-sized, so the mean of batch means is the per-token mean.
-        self._log_val_loss(loss, 1)
+        if len(self.val_names) == 1:
+            self._log_val_loss(loss, 1)
+        else:  # one loader per source: summed here, logged once all ranks' sums are in
+            if self._source_sums is None:
+                self._source_sums = torch.zeros(len(self.val_names), 2, dtype=torch.float64, device=loss.device)
+            self._source_sums[dataloader_idx] += torch.stack(
+                [loss.detach().double(), loss.new_ones((), dtype=torch.float64)]
+            )
         return loss
 
     def _log_val_loss(self, loss: torch.Tensor, weight: int | torch.Tensor) -> None:
@@ -240,14 +264,32 @@ class CerebrasGPTModule(L.LightningModule):
         self._val_sums += torch.stack([loss.detach().double() * weight, torch.as_tensor(weight).to(self._val_sums)])
 
     def on_validation_epoch_start(self) -> None:
-        self._val_sums = None
+        self._val_sums = self._source_sums = None
 
     def on_validation_epoch_end(self) -> None:
+        if len(self.val_names) > 1:
+            self._log_source_losses()
+            return
         if self._val_sums is None:  # no validation batch on this rank
             self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         total, weight = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
         self.log("val/loss", (total / weight).float(), prog_bar=True)
         self.log("val/ppl", torch.exp(total / weight).float())
+
+    def _log_source_losses(self) -> None:
+        """``val/loss/<source>`` per validation loader, and ``val/loss`` (with ``val/ppl``) as their
+        weighted mean: per-token means over all ranks (one all-reduce of the per-loader sums)."""
+        if self._source_sums is None:  # no validation batch on this rank
+            self._source_sums = torch.zeros(len(self.val_names), 2, dtype=torch.float64, device=self.device)
+        sums = self.trainer.strategy.reduce(self._source_sums, reduce_op="sum")
+        means = sums[:, 0] / sums[:, 1].clamp_min(1)
+        for name, mean in zip(self.val_names, means, strict=True):
+            if name is not None:
+                self.log(f"val/loss/{name}", mean.float(), add_dataloader_idx=False)
+        weights = torch.tensor(list(self.val_weights(self.global_step)), dtype=torch.float64, device=means.device)
+        loss = (weights * means).sum() / weights.sum()
+        self.log("val/loss", loss.float(), prog_bar=True, add_dataloader_idx=False)
+        self.log("val/ppl", torch.exp(loss).float(), add_dataloader_idx=False)
 
     def configure_gradient_clipping(
         self,

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from cgpt.callbacks import RunSummary
 from cgpt.checkpoint import AtomicCheckpointIO, TopologyRecorder
+from cgpt.data.mixture import MixturePlan
 from cgpt.guard import EXIT_GUARD_STOPPED, StepGuard, build_guard
 from cgpt.hardware import (
     accelerator_device_type,
@@ -42,6 +43,7 @@ from cgpt.startup import held_signals, release_signals
 from cgpt.strategies import build_strategy
 from cgpt.watchdog import build_watchdog
 from cgpt.weights import resume_checkpoint
+from cgpt.zero_shot import ZeroShotEval
 
 Components = Callable[[dict[str, Any]], tuple[Any, Any]]
 
@@ -94,16 +96,53 @@ def pretrain_components(config: dict[str, Any]) -> tuple[Any, Any]:
     module = CerebrasGPTModule(**_module_kwargs(config))
     module.set_init_from(config.get("init_from"))
     d = config["data"]
+    train_dir, val_sources, mixture, schedule = training_sources(d)
     datamodule = PackedDataModule(
-        data_dir=d["dir"], micro_batch_size=d["micro_batch_size"], num_workers=d["num_workers"],
+        data_dir=train_dir, micro_batch_size=d["micro_batch_size"], num_workers=d["num_workers"],
         seed=config["seed"], shard_url=d["shard_url"], val_batches=d["val_batches"], mix_shards=d.get("mix_shards", 4),
         partitions=d.get("partitions", DEFAULT_PARTITIONS),
+        val_sources=val_sources, mixture=mixture, schedule=schedule,
     )  # fmt: skip
     datamodule.validate(d["seq_len"], module.model_config.vocab_size, block_size=module.model_config.block_size)
+    names = datamodule.val_names
+    if datamodule.mixture:  # val/loss: the sources' losses weighted as training draws them at that step
+        extra = [0.0] * len(val_sources)
+        weights = MixturePlan.from_sources(mixture, 1, schedule).weights_at
+        module.set_val_sources(names, lambda step: [*weights(step).tolist(), *extra])
+    else:  # val/loss stays the training data's
+        module.set_val_sources(names, lambda step: [1.0] + [0.0] * (len(names) - 1))
     if config.get("init_from"):
         m = datamodule.meta
         _print_tokenizer_notes(config["init_from"], m.tokenizer, m.vocab_size, m.eos_id)
     return module, datamodule
+
+
+def training_sources(data: dict[str, Any]) -> tuple[str, list[tuple[str, str]], list[Any], list[Any]]:
+    """From the data config (``dir`` or ``sources`` + ``schedule``, and ``val_sources``): the first
+    training folder, the extra ``(name, dir)`` folders to validate on, and the mixture's sources and
+    weight changes (a one-source list is ``data.dir``). Checked before training: a
+    :class:`~cgpt.config.ConfigError` says what to fix (see :func:`cgpt.data.mixture.parse_mixture`
+    and :func:`cgpt.data.mixture.check_source_folders`)."""
+    from cgpt.config import ConfigError
+    from cgpt.data.mixture import check_source_folders, parse_mixture
+
+    sources, schedule = parse_mixture(data.get("sources"), data.get("schedule"), data.get("dir"))
+    extra = []
+    for i, v in enumerate(data.get("val_sources") or ()):
+        if not isinstance(v, dict) or not v.get("name") or not v.get("dir"):
+            raise ConfigError(f"data.val_sources[{i}] = {v!r}: each entry needs a name and a dir")
+        extra.append((str(v["name"]), str(v["dir"])))
+    names = [n for n, _ in extra]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"data.val_sources: duplicate name(s) in {names}; give each folder its own name")
+    if data.get("sources"):
+        check_source_folders(sources)
+    clash = sorted({s.name for s in sources} & set(names)) if len(sources) > 1 else []
+    if clash:
+        raise ConfigError(f"data.val_sources: {clash} already name data.sources, which are validated anyway")
+    if schedule and len(sources) < 2:
+        raise ConfigError("data.schedule changes the weights of a mixture: list two or more data.sources")
+    return sources[0].dir, extra, sources if len(sources) > 1 else [], schedule
 
 
 def finetune_components(config: dict[str, Any]) -> tuple[Any, Any]:
@@ -197,6 +236,10 @@ def build(
             callbacks[-1].handle(signum)
     else:
         release_signals()
+    zero_shot = config.get("eval") or {}
+    if zero_shot.get("tasks"):  # zero-shot task files scored every N validations (cgpt/zero_shot.py)
+        callbacks.append(ZeroShotEval(zero_shot["tasks"], zero_shot.get("every_n_validations", 1),
+                                      zero_shot.get("batch_size", 8), zero_shot.get("limit")))  # fmt: skip
     logger = instantiate(config.get("logger")) or False
     sample = config.get("sample")
     if logger and sample and sample.get("prompt"):  # a table of samples at each validation (W&B, TensorBoard)

@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from cgpt.data.mixture import MixturePlan
 from cgpt.data.shards import DatasetMeta
-from cgpt.data.stream import DEFAULT_PARTITIONS, PackedStream, Shard
+from cgpt.data.stream import DEFAULT_PARTITIONS, MixtureStream, PackedStream, Shard
 from cgpt.preemption import leave_signals_to_main_process
 
 # File prefix: each rank appends a line per training micro-batch it consumes (global batch, keys).
@@ -71,6 +72,13 @@ class PackedDataModule(L.LightningDataModule):
             the most ranks that each read only their own share of the data.
         global_batch_size: samples per optimizer step over all ranks (:meth:`set_global_batch`;
             default one micro-batch per rank).
+        val_sources: more prepared folders, ``(name, dir)``, whose validation splits are scored
+            separately at each validation (``val/loss/<name>``); validation then has one loader
+            per folder, ``data_dir``'s first.
+        mixture: the sources of a weighted mixture (:class:`cgpt.data.mixture.MixtureSource`, two or
+            more; ``data_dir`` is the first one's): training draws from all of them by the plan of
+            :mod:`cgpt.data.mixture`, and each source is validated on its own (``val/loss/<name>``).
+        schedule: the mixture's weight changes (:class:`cgpt.data.mixture.WeightChange`).
     """
 
     def __init__(
@@ -84,6 +92,9 @@ class PackedDataModule(L.LightningDataModule):
         mix_shards: int = 4,
         partitions: int = DEFAULT_PARTITIONS,
         global_batch_size: int | None = None,
+        val_sources: Sequence[tuple[str, str]] = (),
+        mixture: Sequence[Any] = (),
+        schedule: Sequence[Any] = (),
     ) -> None:
         super().__init__()
         self.data_dir = str(data_dir)
@@ -96,6 +107,17 @@ class PackedDataModule(L.LightningDataModule):
         self.partitions = partitions
         self.global_batch_size = global_batch_size
         self.meta = DatasetMeta.load(self.data_dir)
+        self.val_sources = [(str(name), str(folder)) for name, folder in val_sources]
+        self.mixture = list(mixture) if len(mixture) > 1 else []
+        self.schedule = list(schedule)
+        # the folders validation reads, in loader order: (name or None for data_dir alone, folder, meta)
+        own = [(m.name, m.dir) for m in self.mixture] or [(None, self.data_dir)]
+        self._val_folders = [
+            (name, folder, self.meta if i == 0 else DatasetMeta.load(folder))
+            for i, (name, folder) in enumerate(own + self.val_sources)
+        ]
+        self._train_metas = [f[2] for f in self._val_folders[: len(own)]]
+        self._stream: Any = None  # the latest training stream (its epoch lengths feed the mixture ledger)
         self.consumed_micro_batches = 0  # of this rank, in this run's layout
         self.consumed_global_batches = 0  # the data position saved in checkpoints
         self._accumulation = 1
@@ -153,6 +175,22 @@ class PackedDataModule(L.LightningDataModule):
                         f"(e.g. {missing[0]}); they will be skipped and counted as bad shards",
                         stacklevel=2,
                     )
+        for name, folder, m in self._val_folders[1:]:
+            if (m.tokenizer, m.seq_len) != (self.meta.tokenizer, self.meta.seq_len):
+                raise DataMismatchError(
+                    f"validation source {name!r} ({folder}): tokenizer {m.tokenizer!r} and seq_len {m.seq_len} differ "
+                    f"from the training data's ({self.meta.tokenizer!r}, {self.meta.seq_len}); prepare it the same way"
+                )
+            if not sum(int(s["samples"]) for s in m.shards("val")):
+                raise DataMismatchError(f"validation source {name!r} ({folder}): the val split is empty")
+        for m, meta in zip(self.mixture[1:], self._train_metas[1:], strict=True):
+            if not sum(int(s["samples"]) for s in meta.shards("train")):
+                raise DataMismatchError(f"data source {m.name!r} ({m.dir}): the train split is empty")
+
+    @property
+    def val_names(self) -> list[str | None]:
+        """What each validation loader scores: None for ``data_dir`` (``val/loss``), else a name."""
+        return [name for name, _, _ in self._val_folders]
 
     def set_global_batch(self, global_batch_size: int) -> None:
         """The run's samples per optimizer step (the order's row width); the training loader's
@@ -161,11 +199,16 @@ class PackedDataModule(L.LightningDataModule):
 
     def shards_fingerprint(self) -> str:
         """A digest of the training shard list (names, sample counts, checksums): the order's input."""
-        rows = [(s["name"], int(s["samples"]), s.get("crc32")) for s in self.meta.shards("train")]
+        rows: list[Any] = [(s["name"], int(s["samples"]), s.get("crc32")) for s in self.meta.shards("train")]
+        if self.mixture:  # every source's list, and the mixture's names and initial weights
+            rows = [
+                [m.name, m.weight, [(s["name"], int(s["samples"]), s.get("crc32")) for s in meta.shards("train")]]
+                for m, meta in zip(self.mixture, self._train_metas, strict=True)
+            ]
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
     def _order_params(self, world: int) -> dict[str, Any]:
-        train = self.meta.shards("train")
+        train = [s for meta in self._train_metas for s in meta.shards("train")]
         return {
             "order": ORDER,
             "seed": self.seed,
@@ -200,7 +243,13 @@ class PackedDataModule(L.LightningDataModule):
         return len(names)
 
     # --- loaders -----------------------------------------------------------------------------
-    def _shards(self, split: str) -> list[Shard]:
+    def _shards(self, split: str, source: int = 0) -> list[Shard]:
+        """The shards of ``split`` of the ``source``-th validation folder (0: ``data_dir``; with a
+        mixture, source ``k`` is its ``k``-th source). Only ``data_dir`` alone reads from
+        ``shard_url``; the other folders hold their shards."""
+        if source or self.mixture:
+            _, folder, meta = self._val_folders[source]
+            return [Shard(str(Path(folder) / s["name"]), int(s["samples"]), s.get("crc32")) for s in meta.shards(split)]
         out = []
         for s in self.meta.shards(split):
             url = self.shard_url.format(name=s["name"]) if self.shard_url else str(Path(self.data_dir) / s["name"])
@@ -213,7 +262,7 @@ class PackedDataModule(L.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
-    def _loader(self, dataset: PackedStream, split: str) -> DataLoader:
+    def _loader(self, dataset: PackedStream, split: str, source: int = 0) -> DataLoader:
         loader = PackedLoader(
             dataset,
             batch_size=None,  # the stream yields whole micro-batches
@@ -223,7 +272,7 @@ class PackedDataModule(L.LightningDataModule):
             prefetch_factor=4 if self.num_workers > 0 else None,
             worker_init_fn=leave_signals_to_main_process,  # SLURM's SIGTERM reaches workers too
         )
-        loader.on_skip = lambda batch: self._note_bad_shards(batch.get("bad_shards"), split)
+        loader.on_skip = lambda batch: self._note_bad_shards(batch.get("bad_shards"), split, source)
         return loader
 
     def train_dataloader(self) -> DataLoader:
@@ -232,20 +281,49 @@ class PackedDataModule(L.LightningDataModule):
         self._accumulation = global_batch // (self.micro_batch_size * world)
         self.consumed_micro_batches = start = self._resume_batch(world, global_batch)
         self.consumed_global_batches = -(-start // self._accumulation)
-        stream = PackedStream(
-            self._shards("train"), self.meta.sample_len, self.micro_batch_size, rank, world,
-            seed=self.seed, shuffle=True, infinite=True, start_batch=start, mix_shards=self.mix_shards,
-            global_batch_size=global_batch, partitions=self.partitions,
-        )  # fmt: skip
+        if self.mixture:
+            stream: Any = MixtureStream(
+                [self._shards("train", k) for k in range(len(self.mixture))], self.plan(global_batch),
+                self.meta.sample_len, self.micro_batch_size, rank, world, seed=self.seed, start_batch=start,
+                mix_shards=self.mix_shards,
+            )  # fmt: skip
+        else:
+            stream = PackedStream(
+                self._shards("train"), self.meta.sample_len, self.micro_batch_size, rank, world,
+                seed=self.seed, shuffle=True, infinite=True, start_batch=start, mix_shards=self.mix_shards,
+                global_batch_size=global_batch, partitions=self.partitions,
+            )  # fmt: skip
+        self._stream = stream
         return self._loader(stream, "train")
 
-    def val_dataloader(self) -> DataLoader:
+    def plan(self, global_batch: int | None = None) -> MixturePlan:
+        """The mixture's slot plan for ``global_batch`` (default: the run's)."""
+        G = global_batch or self.global_batch_size or self.micro_batch_size * self._rank_world()[1]
+        return MixturePlan.from_sources(self.mixture, G, self.schedule)
+
+    def mixture_ledger(self) -> dict[str, dict[str, float]] | None:
+        """Per source after the consumed global batches: samples, finished epochs, position in the
+        current epoch and ``epochs`` (fractional). None without a mixture or before training."""
+        if not self.mixture or not isinstance(self._stream, MixtureStream):
+            return None
+        sizes = self._stream.epoch_samples
+        ledger = self._stream.plan.ledger(self.consumed_global_batches, sizes).as_dict()
+        for row, size in zip(ledger.values(), sizes, strict=True):
+            row["epochs_float"] = row["samples"] / size
+        return ledger
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """One loader over ``data_dir``'s val split; with a mixture or ``val_sources``, one loader
+        per folder (:attr:`val_names`)."""
         rank, world = self._rank_world()
-        stream = PackedStream(
-            self._shards("val"), self.meta.sample_len, self.micro_batch_size, rank, world,
-            seed=self.seed, shuffle=False, infinite=False, max_batches=self.val_batches,
-        )  # fmt: skip
-        return self._loader(stream, "val")
+        loaders = []
+        for source in range(len(self._val_folders)):
+            stream = PackedStream(
+                self._shards("val", source), self.meta.sample_len, self.micro_batch_size, rank, world,
+                seed=self.seed, shuffle=False, infinite=False, max_batches=self.val_batches,
+            )  # fmt: skip
+            loaders.append(self._loader(stream, "val", source))
+        return loaders if len(loaders) > 1 else loaders[0]
 
     # --- the data position -------------------------------------------------------------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -253,7 +331,7 @@ class PackedDataModule(L.LightningDataModule):
             return batch
         trainer = getattr(self, "trainer", None)
         split = "train" if trainer is None or trainer.training else "val"
-        self._note_bad_shards(batch.pop("bad_shards", None), split)
+        self._note_bad_shards(batch.pop("bad_shards", None), split, dataloader_idx if split == "val" else 0)
         index = batch.pop("batch_index", None)
         global_batch = batch.pop("global_batch", None)
         if index is not None and trainer is not None and trainer.training:
@@ -265,13 +343,21 @@ class PackedDataModule(L.LightningDataModule):
                 self._trace(int(global_batch), int(index), batch["tokens"], batch.get("sample_keys"))
         return batch
 
-    def _note_bad_shards(self, ids: Any, split: str) -> None:
-        """Record (and report once) the shards of ``split`` a worker found unreadable."""
+    def _note_bad_shards(self, ids: Any, split: str, source: int = 0) -> None:
+        """Record (and report once) the shards of ``split`` (of validation source ``source``) a worker
+        found unreadable."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids or ())
         if not ids:
             return
-        shards = self.meta.shards(split)
-        new = {shards[int(i)]["name"] for i in ids} - self.bad_shard_names
+        if split == "train" and self.mixture:  # ids index the concatenation of the sources' lists
+            names = [
+                f"{m.name}/{s['name']}" for m, meta in zip(self.mixture, self._train_metas) for s in meta.shards(split)
+            ]
+        else:
+            name = self._val_folders[source][0]
+            prefix = f"{name}/" if source or self.mixture else ""  # shard names repeat across folders
+            names = [prefix + s["name"] for s in self._val_folders[source][2].shards(split)]
+        new = {names[int(i)] for i in ids} - self.bad_shard_names
         if new:
             self.bad_shard_names |= new
             rank = self._rank_world()[0]
@@ -301,6 +387,7 @@ class PackedDataModule(L.LightningDataModule):
             "micro_batch_size": self.micro_batch_size,
             "world_size": world,
             "bad_shard_names": sorted(self.bad_shard_names),
+            **({"mixture_ledger": self.mixture_ledger()} if self.mixture else {}),  # for reading; not used to resume
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -389,22 +389,162 @@ class PackedStream(IterableDataset):
         return {"tokens": rows, "sample_keys": keys, "batch_index": j, "global_batch": g, "bad_shards": list(bad_ids)}
 
     def _read_shard(self, s: int) -> np.ndarray | None:
-        """The shard's samples, or None (with a warning) when it cannot be read. Remote shards
-        (URLs, ``pipe:``) get ``REMOTE_ATTEMPTS`` tries, as network reads fail transiently."""
+        """The shard's samples, or None (with a warning) when it cannot be read."""
         self.shards_read.append(s)
-        shard = self.shards[s]
-        remote = "://" in shard.url or shard.url.startswith("pipe:")
-        attempts = REMOTE_ATTEMPTS if remote else 1
-        for attempt in range(1, attempts + 1):
-            try:
-                arr = read_shard(shard.url, self.sample_len, shard.samples, shard.crc32)
-                if len(arr) != shard.samples:
-                    raise ShardFormatError(f"{shard.url}: {len(arr)} samples, meta.json says {shard.samples}")
-                return arr
-            except (ShardFormatError, OSError, ValueError) as e:
-                if attempt < attempts:
-                    time.sleep(RETRY_DELAY_S * attempt)
-                    continue
-                tries = f" after {attempts} tries" if attempts > 1 else ""
-                warnings.warn(f"skipping unreadable shard{tries}: {e}", stacklevel=2)
-        return None
+        return read_samples(self.shards[s], self.sample_len)
+
+
+def read_samples(shard: Shard, sample_len: int) -> np.ndarray | None:
+    """A shard's samples, or None (with a warning) when it cannot be read. Remote shards (URLs,
+    ``pipe:``) get ``REMOTE_ATTEMPTS`` tries, as network reads fail transiently."""
+    remote = "://" in shard.url or shard.url.startswith("pipe:")
+    attempts = REMOTE_ATTEMPTS if remote else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            arr = read_shard(shard.url, sample_len, shard.samples, shard.crc32)
+            if len(arr) != shard.samples:
+                raise ShardFormatError(f"{shard.url}: {len(arr)} samples, meta.json says {shard.samples}")
+            return arr
+        except (ShardFormatError, OSError, ValueError) as e:
+            if attempt < attempts:
+                time.sleep(RETRY_DELAY_S * attempt)
+                continue
+            tries = f" after {attempts} tries" if attempts > 1 else ""
+            warnings.warn(f"skipping unreadable shard{tries}: {e}", stacklevel=2)
+    return None
+
+
+SOURCE_SHIFT = 48  # a mixture's sample key: source << SOURCE_SHIFT | sample_key(shard, index)
+
+
+class MixtureStream(IterableDataset):
+    """Training micro-batches of a weighted mixture, in :class:`PackedStream`'s layout.
+
+    Global batch ``b`` gives source ``k`` a block of ``plan.slots(b)[k]`` slots
+    (:class:`cgpt.data.mixture.MixturePlan`), filled with the next positions of that source's own
+    :class:`SampleOrder`: each source has its own shuffle and epochs, so a source that runs out
+    starts its next epoch, in a new order, while the others go on. Rank ``r`` of ``W`` serves slots
+    ``[r G/W, (r+1) G/W)`` of every global batch as ``G / (W B)`` micro-batches of ``B``, and
+    micro-batch ``i`` is built by dataloader worker ``i % num_workers``: the batches depend neither
+    on the world size nor on the worker count, and a resume at micro-batch ``k`` is exact.
+
+    Items are :class:`PackedStream`'s; ``sample_keys`` carry the source index in their bits from
+    ``SOURCE_SHIFT`` up, and ``bad_shards`` ids index the concatenation of the sources' shard lists.
+
+    Args:
+        sources: each source's training shards (from its meta.json).
+        plan: the slots per source of every global batch (its ``global_batch`` is ``G``).
+        sample_len: tokens per sample (``seq_len + 1``), the same for every source.
+        micro_batch_size, rank, world_size, seed, start_batch, mix_shards: as :class:`PackedStream`'s.
+
+    A source's order has one partition: its block of a global batch is a run of consecutive positions,
+    so a worker holds about ``mix_shards`` shards of each source (several partitions would spread
+    every block over all of them). The price: every rank reads every shard of every source.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[Sequence[Shard]],
+        plan: Any,
+        sample_len: int,
+        micro_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        start_batch: int = 0,
+        mix_shards: int = 4,
+    ) -> None:
+        super().__init__()
+        G = plan.global_batch
+        if not 0 <= rank < world_size or micro_batch_size <= 0 or G % (micro_batch_size * world_size):
+            raise ValueError(
+                f"global batch {G} must be a multiple of micro_batch_size {micro_batch_size} x world size "
+                f"{world_size} (rank {rank})"
+            )
+        self.sources = [list(s) for s in sources]
+        self.plan = plan
+        self.sample_len = sample_len
+        self.batch = micro_batch_size
+        self.rank, self.world = rank, world_size
+        self.global_batch = G
+        self.accumulation = G // (micro_batch_size * world_size)
+        self.start_batch = start_batch
+        self.mix = mix_shards
+        # every source its own order; the seed key keeps two sources of one size from sharing permutations
+        self.orders = [
+            SampleOrder([s.samples for s in shards], G, 1, mix_shards, seed * 1_000_003 + k + 1, True)
+            for k, shards in enumerate(self.sources)
+        ]
+        self.offsets = np.concatenate([[0], np.cumsum([len(s) for s in self.sources])]).tolist()
+        for name, order in zip(plan.names, self.orders, strict=True):
+            if order.per_epoch == 0:
+                raise ValueError(
+                    f"data source {name!r}: {order.total} samples, fewer than one global batch of {G}; prepare "
+                    "more data for it or lower data.global_batch_size"
+                )
+
+    @property
+    def epoch_samples(self) -> list[int]:
+        """Samples per epoch of every source (what the mixture ledger counts epochs in)."""
+        return [o.per_epoch for o in self.orders]
+
+    def pieces(self, batch: int) -> list[tuple[int, int, int]]:
+        """``(source, first, end)`` positions in the sources' orders of this rank's ``batch``-th
+        micro-batch, in slot order."""
+        g, m = divmod(batch, self.accumulation)
+        lo = self.rank * (self.global_batch // self.world) + m * self.batch
+        hi = lo + self.batch
+        before, at, out = self.plan.consumed(g), 0, []
+        for k, n in enumerate(self.plan.slots(g).tolist()):
+            a, b = max(at, lo), min(at + n, hi)
+            if a < b:
+                out.append((k, int(before[k]) + a - at, int(before[k]) + b - at))
+            at += n
+        return out
+
+    def keys(self, batch: int) -> np.ndarray:
+        """Sample keys (with the source) of this rank's ``batch``-th micro-batch."""
+        return np.concatenate(
+            [(np.int64(k) << SOURCE_SHIFT) | self.orders[k].keys(a, b) for k, a, b in self.pieces(batch)]
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        caches: list[dict[int, np.ndarray | None]] = [{} for _ in self.sources]
+        limit = self.mix + 2  # shards a worker keeps per source; the oldest go first (units are read in order)
+        bad_ids: list[int] = []
+        i = self.start_batch + worker
+        while True:
+            out = np.empty((self.batch, self.sample_len), dtype=np.int64)  # filled in place: one copy per sample
+            keys: list[np.ndarray] = []
+            readable, row = True, 0
+            for k, start, stop in self.pieces(i):
+                key = self.orders[k].keys(start, stop)
+                shard, index = key >> KEY_SHIFT, key & ((1 << KEY_SHIFT) - 1)
+                cache, needed = caches[k], np.unique(shard).tolist()
+                for old in [s for s in cache if s not in needed][: max(0, len(cache) + len(needed) - limit)]:
+                    del cache[old]
+                for s in needed:
+                    if s not in cache:
+                        cache[s] = read_samples(self.sources[k][s], self.sample_len)
+                        if cache[s] is None:
+                            bad_ids.append(self.offsets[k] + s)
+                readable = readable and all(cache[s] is not None for s in needed)
+                if readable:
+                    part = out[row : row + len(shard)]
+                    for s in needed:
+                        here = shard == s
+                        part[here] = cache[s][index[here]]
+                row += len(shard)
+                keys.append((np.int64(k) << SOURCE_SHIFT) | key)
+            tokens = torch.from_numpy(out) if readable else None
+            yield {
+                "tokens": tokens,  # None: a placeholder the data module's loader drops (a shard was unreadable)
+                "sample_keys": torch.from_numpy(np.concatenate(keys)),
+                "batch_index": i,
+                "global_batch": i // self.accumulation,
+                "bad_shards": list(bad_ids),
+            }
+            bad_ids = []
+            i += workers
