@@ -541,7 +541,7 @@ class MixtureStream(IterableDataset):
             tokens = torch.from_numpy(out) if readable else None
             yield {
                 "tokens": tokens,  # None: a placeholder the data module's loader drops (a shard was unreadable)
-                "sample_keys": torch.from_numpy(np.concatenate(keys)),
+                "sample_keys": np.concatenate(keys).tolist(),  # a list: see PackedStream._item
                 "batch_index": i,
                 "global_batch": i // self.accumulation,
                 "bad_shards": list(bad_ids),
