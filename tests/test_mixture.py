@@ -311,3 +311,32 @@ def test_mixture_run_logs_sources_and_resumes_exactly(tiny_data_dir: Path, other
     train(split, trace=tmp_path / "trace-split")
     lines = [(tmp_path / f"trace-{name}.rank0").read_text().splitlines() for name in ("whole", "split")]
     assert len(lines[0]) == STEPS * 2 and lines[1] == lines[0]  # 2 micro-batches a step, the same samples
+
+
+def test_a_resume_may_change_the_schedule_only_after_its_position(tiny_data_dir: Path, other_data_dir: Path) -> None:
+    """The samples already consumed per source follow the weights then in force, so a schedule
+    edited before the resume point is refused; one edited after it (e.g. to anneal) is followed."""
+    from types import SimpleNamespace
+
+    from cgpt.data.datamodule import DataMismatchError, PackedDataModule
+    from cgpt.training import training_sources
+
+    def module(schedule: list[dict]) -> PackedDataModule:
+        two = [{"name": "a", "dir": str(tiny_data_dir), "weight": 0.7}, {"name": "b", "dir": str(other_data_dir)}]
+        first, extra, mixture, changes = training_sources({"dir": None, "sources": two, "schedule": schedule})
+        dm = PackedDataModule(first, micro_batch_size=4, global_batch_size=4, mixture=mixture, schedule=changes)
+        dm.trainer = SimpleNamespace(training=True, global_rank=0, world_size=1)
+        return dm
+
+    saved = module([{"step": 3, "weights": {"a": 1}}])
+    saved.train_dataloader()
+    saved.consumed_global_batches = saved.consumed_micro_batches = 5  # the position of a run after 5 steps
+    state = saved.state_dict()
+    assert state["mixture_schedule"] == [[3, {"a": 1.0}]]
+    for past in ([], [{"step": 3, "weights": {"a": 1, "b": 1}}], [{"step": 2, "weights": {"a": 1}}]):
+        with pytest.raises(DataMismatchError, match="before step 5, which the checkpoint has already trained"):
+            module(past).load_state_dict(state)
+    later = module([{"step": 3, "weights": {"a": 1}}, {"step": 5, "weights": {"b": 1}}])
+    with pytest.warns(UserWarning, match="follows the new changes from there"):
+        later.load_state_dict(state)
+    module([{"step": 3, "weights": {"a": 1}}]).load_state_dict(state)  # unchanged: silent

@@ -218,7 +218,34 @@ class PackedDataModule(L.LightningDataModule):
             "shards_fingerprint": self.shards_fingerprint(),
             "shards": len(train),
             "samples": sum(int(s["samples"]) for s in train),
+            **({"mixture_schedule": self._schedule_rows()} if self.mixture else {}),
         }
+
+    def _schedule_rows(self) -> list[list[Any]]:
+        """The mixture's weight changes as ``[step, {name: weight}]`` rows (what a checkpoint keeps)."""
+        return [[int(c.step), {n: float(w) for n, w in sorted(c.weights.items())}] for c in self.schedule]
+
+    def _check_schedule(self, saved: dict[str, Any]) -> None:
+        """A resumed mixture may change its schedule from the resume point on (e.g. to anneal), but
+        not before it: the samples already consumed per source follow the weights then in force."""
+        if not self.mixture or "mixture_schedule" not in saved:
+            return
+        passed = int(saved["consumed_global_batches"])
+        then = [row for row in saved["mixture_schedule"] if row[0] < passed]
+        now = [row for row in self._schedule_rows() if row[0] < passed]
+        if then != now:
+            raise DataMismatchError(
+                f"data.schedule changes the mixture's weights before step {passed}, which the checkpoint has "
+                f"already trained: its changes before then were {then or 'none'}, the config's are {now or 'none'}. "
+                f"Keep the changes before step {passed} as they were (changes from step {passed} on are fine), or "
+                "start a new run (init_from=<checkpoint> keeps the weights)"
+            )
+        if saved["mixture_schedule"] != self._schedule_rows():
+            warnings.warn(
+                f"data.schedule differs from the checkpoint's after step {passed}: the mixture follows the new "
+                f"changes from there ({self._schedule_rows()}; the checkpoint had {saved['mixture_schedule']})",
+                stacklevel=2,
+            )
 
     @property
     def seq_len(self) -> int:
@@ -404,6 +431,7 @@ class PackedDataModule(L.LightningDataModule):
                     "Point data.dir at the data the run started with, or start a new run (init_from=<checkpoint> "
                     "keeps the weights) to train on the new data"
                 )
+            self._check_schedule(s)
             changed = [f"{k} {s[k]} -> {here[k]}" for k in ("seed", "partitions", "mix_shards") if s[k] != here[k]]
             if changed:
                 raise DataMismatchError(
