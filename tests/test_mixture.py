@@ -286,8 +286,9 @@ def test_mixture_stream_shares_epochs_and_exact_resume(tiny_data_dir: Path, othe
 
 @pytest.mark.slow
 def test_mixture_run_logs_sources_and_resumes_exactly(tiny_data_dir: Path, other_data_dir: Path, tmp_path: Path):
-    """train/pretrain.py on a two-source mixture: per-source validation, the ledger in summary.json,
-    and a run stopped at step 4 and resumed consumes exactly the samples of an uninterrupted run."""
+    """train/pretrain.py on a two-source mixture whose weights change at step 3: per-source
+    validation (val/loss weighted by the weights in force), the ledger in summary.json, and a run
+    stopped at step 4 and resumed consumes exactly the samples of an uninterrupted run."""
     from conftest import STEPS, pretrain_args, run_script
 
     def train(out: Path, *extra: str, trace: Path):
@@ -298,14 +299,17 @@ def test_mixture_run_logs_sources_and_resumes_exactly(tiny_data_dir: Path, other
         "data.dir=null",
         f"data.sources=[{{name: a, dir: {tiny_data_dir}, weight: 0.7}},"
         f" {{name: b, dir: {other_data_dir}, weight: 0.3}}]",
+        "data.schedule=[{step: 3, weights: {a: 0.2, b: 0.8}}]",
     ]
     whole, split = tmp_path / "whole", tmp_path / "split"
     proc = train(whole, trace=tmp_path / "trace-whole")
     assert "data epochs: a " in proc.stdout and "| a " in proc.stdout
     summary = json.loads((whole / "summary.json").read_text())
-    assert set(summary["val_loss_per_source"]) == {"a", "b"}
+    per_source = summary["val_loss_per_source"]
+    assert set(per_source) == {"a", "b"} and per_source["a"] != pytest.approx(per_source["b"], rel=1e-3)
+    assert summary["val_loss"] == pytest.approx(0.2 * per_source["a"] + 0.8 * per_source["b"], rel=1e-6)
     ledger = summary["data_sources"]
-    plan = MixturePlan(["a", "b"], [0.7, 0.3], 8)
+    plan = MixturePlan(["a", "b"], [0.7, 0.3], 8, [WeightChange(3, {"a": 0.2, "b": 0.8})])
     assert [ledger[n]["samples"] for n in "ab"] == plan.consumed(STEPS).tolist()
     train(split, "trainer.max_steps=4", trace=tmp_path / "trace-split")
     train(split, trace=tmp_path / "trace-split")
