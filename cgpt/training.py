@@ -97,9 +97,11 @@ def pretrain_components(config: dict[str, Any]) -> tuple[Any, Any]:
     module.set_init_from(config.get("init_from"))
     d = config["data"]
     train_dir, val_sources, mixture, schedule = training_sources(d)
+    one_source = d.get("sources") or ()
+    shard_url = d["shard_url"] or (one_source[0].get("shard_url") if len(one_source) == 1 else None)
     datamodule = PackedDataModule(
         data_dir=train_dir, micro_batch_size=d["micro_batch_size"], num_workers=d["num_workers"],
-        seed=config["seed"], shard_url=d["shard_url"], val_batches=d["val_batches"], mix_shards=d.get("mix_shards", 4),
+        seed=config["seed"], shard_url=shard_url, val_batches=d["val_batches"], mix_shards=d.get("mix_shards", 4),
         partitions=d.get("partitions", DEFAULT_PARTITIONS),
         val_sources=val_sources, mixture=mixture, schedule=schedule,
     )  # fmt: skip
@@ -127,6 +129,11 @@ def training_sources(data: dict[str, Any]) -> tuple[str, list[tuple[str, str]], 
     from cgpt.data.mixture import check_source_folders, parse_mixture
 
     sources, schedule = parse_mixture(data.get("sources"), data.get("schedule"), data.get("dir"))
+    if data.get("sources") and data.get("shard_url"):
+        raise ConfigError(
+            "data.shard_url is for data.dir; with data.sources give each source its own shard_url: "
+            "data.sources=[{name: web, dir: ..., weight: ..., shard_url: 'pipe:aws s3 cp s3://bucket/web/{name} -'}]"
+        )
     extra = []
     for i, v in enumerate(data.get("val_sources") or ()):
         if not isinstance(v, dict) or not v.get("name") or not v.get("dir"):

@@ -84,6 +84,7 @@ def test_epoch_rollover_is_counted_per_source() -> None:
         ([{"name": "a", "dir": "x"}], [{"step": 5, "weights": {"a": 0}}], None, "sum to zero"),
         ([{"name": "a", "dir": "x"}], None, "data/prepared/mine", "data.dir and data.sources are both set"),
         ([{"name": "a"}], None, None, "needs a name, a dir and a weight"),
+        ([{"name": "a", "dir": "x", "shard_url": "s3://b/x.tar"}], None, None, "has no {name}"),
         (None, None, None, "no training data"),
     ],
 )
@@ -344,3 +345,38 @@ def test_a_resume_may_change_the_schedule_only_after_its_position(tiny_data_dir:
     with pytest.warns(UserWarning, match="follows the new changes from there"):
         later.load_state_dict(state)
     module([{"step": 3, "weights": {"a": 1}}]).load_state_dict(state)  # unchanged: silent
+
+
+def test_a_source_reads_its_shards_from_its_own_shard_url(
+    tiny_data_dir: Path, other_data_dir: Path, tmp_path: Path
+) -> None:
+    """A source whose folder holds only meta.json and whose shards live elsewhere (its shard_url)
+    yields the batches it yields from its own folder; data.shard_url with data.sources is refused."""
+    from types import SimpleNamespace
+
+    from cgpt.data.datamodule import DataMismatchError, PackedDataModule
+    from cgpt.training import training_sources
+
+    moved, store = tmp_path / "b", tmp_path / "store"
+    moved.mkdir()
+    shutil.copytree(other_data_dir, store)
+    shutil.copy(other_data_dir / "meta.json", moved / "meta.json")
+
+    def batches(b: dict, n: int = 4) -> list[dict]:
+        a = {"name": "a", "dir": str(tiny_data_dir), "weight": 0.5}
+        first, _, mixture, _ = training_sources({"dir": None, "sources": [a, b]})
+        dm = PackedDataModule(first, micro_batch_size=4, global_batch_size=4, mixture=mixture)
+        dm.validate(None, 50257)
+        dm.trainer = SimpleNamespace(training=True, global_rank=0, world_size=1)
+        return [x for _, x in zip(range(n), dm.train_dataloader().dataset)]
+
+    here = batches({"name": "b", "dir": str(other_data_dir)})
+    there = batches({"name": "b", "dir": str(moved), "shard_url": f"{store}/{{name}}"})
+    assert any(int(k) >> 48 == 1 for x in there for k in x["sample_keys"])  # source b is in these batches
+    for x, y in zip(here, there, strict=True):
+        assert torch.equal(x["tokens"], y["tokens"]) and x["sample_keys"] == y["sample_keys"]
+    with pytest.raises(DataMismatchError, match="source 'b': none of its .* train shards is in .* shard_url"):
+        batches({"name": "b", "dir": str(moved)})  # no shard_url: b's shards are not in its folder
+    two = [{"name": "a", "dir": str(tiny_data_dir)}, {"name": "b", "dir": str(other_data_dir)}]
+    with pytest.raises(ConfigError, match="give each source its own shard_url"):
+        training_sources({"dir": None, "sources": two, "shard_url": "s3://x/{name}"})

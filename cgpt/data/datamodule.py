@@ -162,7 +162,7 @@ class PackedDataModule(L.LightningDataModule):
             shards = self.meta.shards(split)
             if not shards or not sum(int(s["samples"]) for s in shards):
                 raise DataMismatchError(f"{where}: the {split} split is empty; prepare more data")
-            if self.shard_url is None:
+            if (self.mixture[0].shard_url if self.mixture else self.shard_url) is None:
                 missing = [s["name"] for s in shards if not (Path(self.data_dir) / s["name"]).is_file()]
                 if len(missing) == len(shards):
                     raise DataMismatchError(
@@ -186,6 +186,12 @@ class PackedDataModule(L.LightningDataModule):
         for m, meta in zip(self.mixture[1:], self._train_metas[1:], strict=True):
             if not sum(int(s["samples"]) for s in meta.shards("train")):
                 raise DataMismatchError(f"data source {m.name!r} ({m.dir}): the train split is empty")
+            names = [s["name"] for s in meta.shards("train")]
+            if m.shard_url is None and not any((Path(m.dir) / n).is_file() for n in names):
+                raise DataMismatchError(
+                    f"data source {m.name!r}: none of its {len(names)} train shards is in {m.dir} (e.g. {names[0]}); "
+                    "copy them there or give the source a shard_url saying where they are"
+                )
 
     @property
     def val_names(self) -> list[str | None]:
@@ -272,16 +278,20 @@ class PackedDataModule(L.LightningDataModule):
     # --- loaders -----------------------------------------------------------------------------
     def _shards(self, split: str, source: int = 0) -> list[Shard]:
         """The shards of ``split`` of the ``source``-th validation folder (0: ``data_dir``; with a
-        mixture, source ``k`` is its ``k``-th source). Only ``data_dir`` alone reads from
-        ``shard_url``; the other folders hold their shards."""
-        if source or self.mixture:
-            _, folder, meta = self._val_folders[source]
-            return [Shard(str(Path(folder) / s["name"]), int(s["samples"]), s.get("crc32")) for s in meta.shards(split)]
-        out = []
-        for s in self.meta.shards(split):
-            url = self.shard_url.format(name=s["name"]) if self.shard_url else str(Path(self.data_dir) / s["name"])
-            out.append(Shard(url, int(s["samples"]), s.get("crc32")))
-        return out
+        mixture, source ``k`` is its ``k``-th source). ``data_dir`` alone reads from ``shard_url``, a
+        mixture's source from its own ``shard_url``; the other folders hold their shards."""
+        _, folder, meta = self._val_folders[source]
+        template = self.shard_url if not (source or self.mixture) else None
+        if self.mixture and source < len(self.mixture):
+            template = self.mixture[source].shard_url
+        return [
+            Shard(
+                template.format(name=s["name"]) if template else str(Path(folder) / s["name"]),
+                int(s["samples"]),
+                s.get("crc32"),
+            )  # fmt: skip
+            for s in meta.shards(split)
+        ]
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)

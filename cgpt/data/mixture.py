@@ -37,6 +37,7 @@ class MixtureSource:
     name: str
     dir: str
     weight: float = 1.0
+    shard_url: str | None = None  # where its shards live (``{name}``: the file name); None: in ``dir``
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,13 @@ def parse_mixture(
         if not isinstance(s, Mapping) or not s.get("name") or not s.get("dir"):
             raise ConfigError(f"data.sources[{i}] = {s!r}: each source needs a name, a dir and a weight")
         weight = _weight(s.get("weight", 1.0), f"data.sources[{i}] ({s['name']})")
-        parsed.append(MixtureSource(str(s["name"]), str(s["dir"]), weight))
+        url = s.get("shard_url")
+        if url is not None and "{name}" not in str(url):
+            raise ConfigError(
+                f"data.sources[{i}] ({s['name']}): shard_url {url!r} has no {{name}}; write where each shard "
+                "lives with {name} for its file name, e.g. 'pipe:aws s3 cp s3://bucket/web/{name} -'"
+            )
+        parsed.append(MixtureSource(str(s["name"]), str(s["dir"]), weight, None if url is None else str(url)))
     names = [s.name for s in parsed]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
