@@ -110,6 +110,24 @@ def test_first_lines_say_the_precision_and_why(monkeypatch, bf16, words):
     assert hardware.explain_precision("32-true", "32-true", "cpu") == "precision 32-true: set by trainer.precision"
 
 
+def test_a_onednn_cap_below_bf16_makes_auto_choose_fp32(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 on a bf16 CPU emulates bf16 (1.2 GFLOP/s measured): auto picks fp32."""
+    hardware.cpu_has_bf16.cache_clear()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    try:
+        assert hardware.onednn_isa_cap() == "ONEDNN_MAX_CPU_ISA=AVX2"
+        assert not hardware.cpu_has_bf16() and hardware.default_precision("cpu") == "32-true"
+        line = hardware.explain_precision("auto", "32-true", "cpu")
+        assert line == (
+            "precision 32-true (auto): ONEDNN_MAX_CPU_ISA=AVX2 caps oneDNN below bf16, so bf16 would be emulated "
+            "and far slower than fp32"
+        )
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")  # a cap that keeps bf16
+        assert hardware.onednn_isa_cap() is None
+    finally:
+        hardware.cpu_has_bf16.cache_clear()
+
+
 def test_first_lines_say_the_compile_and_fused_head_decisions():
     assert hardware.explain_compile("auto", "cpu").startswith("compile off (auto): on CPUs")
     assert hardware.explain_compile("auto", "cuda").startswith("compile on (auto): CUDA")
