@@ -174,12 +174,14 @@ def peak_cache_path() -> Path:
 
 
 def machine_key(device: torch.device, dtype: torch.dtype) -> str:
-    """What a measured peak depends on: the processor, the threads torch uses, the dtype, torch."""
+    """What a measured peak depends on: the processor, the threads torch uses, the instruction set
+    the kernels may use (ATen's capability, a oneDNN cap), the dtype, torch."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = _cpu_model()
-        name += f", {torch.get_num_threads()} threads"
+        name += f", {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
+        name += f", {onednn_isa_cap()}" if onednn_isa_cap() else ""
     return f"{device.type}: {name} | {str(dtype).removeprefix('torch.')} | torch {torch.__version__}"
 
 

@@ -89,9 +89,12 @@ def test_cpu_peak_is_measured_once_per_machine_and_cached(monkeypatch, tmp_path)
         assert peak_flops(cpu, torch.float32) == 1e9 and len(calls) == 3
     finally:
         torch.set_num_threads(threads)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # capped kernels are another machine too
+    assert peak_flops(cpu, torch.float32) == 1e9 and len(calls) == 4
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     # a damaged cache is measured again and rewritten, never a crash
     (tmp_path / "peak_flops.json").write_text("{not json")
-    assert peak_flops(cpu, torch.float32) == 1e9 and len(calls) == 4
+    assert peak_flops(cpu, torch.float32) == 1e9 and len(calls) == 5
 
 
 def test_peak_cache_lives_under_xdg_cache_home_unless_set(monkeypatch, tmp_path):
