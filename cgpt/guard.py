@@ -156,11 +156,6 @@ class StepGuard(L.Callback):
         elif stage == "fit" and hasattr(pl_module, "step_gate"):
             pl_module.step_gate = self.decide
             if self.config.action == "rollback":
-                if getattr(trainer.strategy, "set_step_gate", None) is not None:
-                    raise ConfigError(
-                        "guard.action=rollback recomputes a step through the module, which DeepSpeed's engine does "
-                        "not allow: use strategy=ddp or fsdp, or guard.action=skip/stop under DeepSpeed"
-                    )
                 pl_module.keep_step_batches = True
                 self._module = pl_module
 
