@@ -31,7 +31,10 @@ What happens to a bad step (``action``):
 Where the check runs: DDP and FSDP call the gate from
 :meth:`cgpt.lit_module.CerebrasGPTModule.configure_gradient_clipping` (the norm is the one
 clipping computes); DeepSpeed calls it inside its ZeRO optimizer's step, after the norm and before
-the update (:meth:`cgpt.strategies.deepspeed.CgptDeepSpeedStrategy.set_step_gate`).
+the update (:meth:`cgpt.strategies.deepspeed.CgptDeepSpeedStrategy.set_step_gate`). A rollback's
+recomputations run inside the gate under DDP and FSDP; under DeepSpeed, where nothing can be
+recomputed inside the ZeRO step, the gate drops the computation it judges and the next one runs
+through the engine once its step has returned (:meth:`StepGuard.run_deferred`).
 Under fp16 with a GradScaler the guard stands aside: the scaler already skips non-finite steps.
 """
 
