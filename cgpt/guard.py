@@ -31,7 +31,10 @@ What happens to a bad step (``action``):
 Where the check runs: DDP and FSDP call the gate from
 :meth:`cgpt.lit_module.CerebrasGPTModule.configure_gradient_clipping` (the norm is the one
 clipping computes); DeepSpeed calls it inside its ZeRO optimizer's step, after the norm and before
-the update (:meth:`cgpt.strategies.deepspeed.CgptDeepSpeedStrategy.set_step_gate`).
+the update (:meth:`cgpt.strategies.deepspeed.CgptDeepSpeedStrategy.set_step_gate`). A rollback's
+recomputations run inside the gate under DDP and FSDP; under DeepSpeed, where nothing can be
+recomputed inside the ZeRO step, the gate drops the computation it judges and the next one runs
+through the engine once its step has returned (:meth:`StepGuard.run_deferred`).
 Under fp16 with a GradScaler the guard stands aside: the scaler already skips non-finite steps.
 """
 
@@ -41,7 +44,7 @@ import math
 import statistics
 import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +58,8 @@ from cgpt.weights import LAST
 # Exit status of a run the guard stopped (after saving its checkpoint).
 EXIT_GUARD_STOPPED = 4
 ACTIONS = ("skip", "stop", "rollback")
+# What a rollback in progress asks for (see StepGuard._rollback).
+RECOMPUTE, RESUME = "recompute", "resume"
 
 
 @dataclass
@@ -140,6 +145,9 @@ class StepGuard(L.Callback):
         self.quarantine: set[int] = set(config.exclude_keys)  # sample keys that weigh nothing in the loss
         self.rewarm_left = 0
         self._module: Any = None  # the CerebrasGPTModule (rollback recomputes steps through it)
+        self.deferred = False  # DeepSpeed: a rollback's recomputations run after the engine's step (run_deferred)
+        self._pending: Generator[str, _Verdict | None, bool] | None = None  # the rollback in progress
+        self._request: str | None = None  # what it waits for: RECOMPUTE or RESUME
         # Test-only fault points (cgpt.fault_injection): called with the name of the point reached.
         self.fault_points: list[Callable[[str], None]] = []
 
@@ -156,13 +164,13 @@ class StepGuard(L.Callback):
         elif stage == "fit" and hasattr(pl_module, "step_gate"):
             pl_module.step_gate = self.decide
             if self.config.action == "rollback":
-                if getattr(trainer.strategy, "set_step_gate", None) is not None:
-                    raise ConfigError(
-                        "guard.action=rollback recomputes a step through the module, which DeepSpeed's engine does "
-                        "not allow: use strategy=ddp or fsdp, or guard.action=skip/stop under DeepSpeed"
-                    )
                 pl_module.keep_step_batches = True
                 self._module = pl_module
+                # DeepSpeed: the gate runs inside the engine's step, where nothing can be recomputed; a
+                # rollback drops that computation and runs the next one once the step has returned.
+                self.deferred = getattr(trainer.strategy, "set_step_gate", None) is not None
+                if self.deferred:
+                    pl_module.after_optimizer_step = self.run_deferred
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         install = getattr(trainer.strategy, "set_step_gate", None)
@@ -180,6 +188,8 @@ class StepGuard(L.Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if getattr(pl_module, "step_gate", None) == self.decide:
             pl_module.step_gate = None
+        if getattr(pl_module, "after_optimizer_step", None) == self.run_deferred:
+            pl_module.after_optimizer_step = None
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         # Lightning has divided each micro-batch's loss by accumulate_grad_batches: their sum is the step's mean.
@@ -219,11 +229,14 @@ class StepGuard(L.Callback):
         self._new_step = True
         has_norm = grad_norm is not None
         verdict = self._agree(loss, grad_norm)
+        if self._pending is not None:  # a recomputation the rollback asked for (DeepSpeed: judged in the engine's step)
+            return self._drive(verdict)
         if verdict.reason is None:
             self._good(verdict, has_norm)
             return False
         if self.config.action == "rollback" and self._module is not None:
-            return self._rollback(verdict, has_norm)
+            self._pending = self._rollback(verdict, has_norm)
+            return self._drive(None)
         return self._bad(verdict, has_norm)
 
     def _agree(self, loss: torch.Tensor, grad_norm: torch.Tensor | float | None) -> _Verdict:
@@ -287,9 +300,41 @@ class StepGuard(L.Callback):
         return event
 
     # --- rollback: replay, quarantine, recompute -----------------------------------------------
-    def _rollback(self, verdict: _Verdict, has_norm: bool) -> bool:
+    def _drive(self, value: _Verdict | None) -> bool:
+        """Send ``value`` to the rollback in progress and carry out what it asks for, until it is done
+        (returns its answer: whether to drop the update of the computation judged last) or it needs a
+        recomputation that cannot run here (deferred: the gate is inside DeepSpeed's step; returns True,
+        this computation is dropped, and :meth:`run_deferred` goes on once the step has returned)."""
+        try:
+            request = self._pending.send(value)
+            while not self.deferred:
+                value = self._agree(*self._module.recompute_step()) if request == RECOMPUTE else None
+                request = self._pending.send(value)
+        except StopIteration as done:
+            self._pending = self._request = None
+            return done.value
+        self._request = request
+        return True
+
+    def run_deferred(self) -> None:
+        """After DeepSpeed's optimizer step has returned: the rollback's recomputations, each a forward
+        and backward of the step's micro-batches through the engine and an engine step, inside which
+        the gate judges it (:meth:`decide` sends the verdict on); the diagnosis of the samples between
+        them. Nothing to do on the steps without a rollback."""
+        while self._pending is not None:
+            if self._request == RECOMPUTE:
+                self._loss, _ = self._module.recompute_step()
+                self._trainer.strategy.step_recomputed()
+            else:
+                self._drive(None)
+
+    def _rollback(self, verdict: _Verdict, has_norm: bool) -> Generator[str, _Verdict | None, bool]:
         """Back to the state before this step (untouched: the gate precedes the update), replay the
-        step once on the same micro-batches, and quarantine its bad samples if the fault reproduces."""
+        step once on the same micro-batches, and quarantine its bad samples if the fault reproduces.
+
+        A generator (run by :meth:`_drive`): it yields RECOMPUTE to get the verdict of a recomputation
+        of the step, RESUME to continue outside DeepSpeed's step (the diagnosis runs forwards), and
+        returns whether to drop the update of the computation judged last."""
         step, module = self._step(), self._module
         if self.rollbacks >= self.config.max_rollbacks:
             self.stop_reason = (
@@ -301,7 +346,7 @@ class StepGuard(L.Callback):
             return True
         self.rollbacks += 1
         self._fault_point("replay")
-        replay = self._agree(*module.recompute_step())
+        replay = yield RECOMPUTE
         if replay.reason is None:
             self.replays["transient"] += 1
             self._event(verdict, has_norm, step, action="rollback", replay="transient", quarantined=[])
@@ -310,11 +355,12 @@ class StepGuard(L.Callback):
             self._good(replay, has_norm)
             return False
         self.replays["data"] += 1
+        yield RESUME
         keys = self._suspects(replay)
         self.quarantine |= set(keys)
         module.set_excluded_keys(sorted(self.quarantine))
         self._fault_point("quarantine")
-        again = self._agree(*module.recompute_step())
+        again = yield RECOMPUTE
         applied = again.reason is None
         event = self._event(verdict, has_norm, step, action="rollback", replay="data", quarantined=keys,
                             applied=applied)  # fmt: skip

@@ -76,6 +76,9 @@ class CerebrasGPTModule(L.LightningModule):
         # step can be computed again (recompute_step, sample_losses).
         self.keep_step_batches = False
         self._step_batches: list[dict[str, torch.Tensor]] = []
+        # Called after each optimizer step has returned (set by the guard under DeepSpeed, whose gate
+        # runs inside the engine's step: a rollback's recomputations run from here).
+        self.after_optimizer_step: Callable[[], None] | None = None
         self._clip_args: tuple[Any, float | None, str | None] = (None, None, None)
 
     # --- runtime -------------------------------------------------------------------------------
@@ -336,12 +339,17 @@ class CerebrasGPTModule(L.LightningModule):
     def recompute_step(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Compute the current optimizer step's gradients again from its kept micro-batches, with
         the exclusions as they are now; reduce them across ranks as the strategy does and clip.
-        Returns the step's mean loss (this rank's) and the pre-clip global norm.
+        Returns the step's mean loss (this rank's) and the pre-clip global norm (None under DeepSpeed,
+        whose engine computes it in its step: ``strategy.step_recomputed()``).
 
         Every rank calls it together (the reductions are collectives). The weights and the
         optimizer state are those before the step: the gate runs before the update.
         """
         trainer = self.trainer
+        if clips_in_optimizer_step(trainer.strategy):
+            # DeepSpeed: forward and backward through the engine; the norm is computed in the engine's
+            # step, which the guard takes next (strategy.step_recomputed), with the gate inside it.
+            return trainer.strategy.recompute_step(self._step_batches), None
         params = [p for p in self.parameters() if p.requires_grad]
         for p in params:
             p.grad = None
@@ -361,18 +369,29 @@ class CerebrasGPTModule(L.LightningModule):
 
         Each forward gets a backward (of zero; the gradients are cleared after): under FSDP2, forwards
         without their backward (with or without autograd) left NaN gradients of the previous
-        backward in the last block's next gradients (found by the sharded rollback test).
+        backward in the last block's next gradients (found by the sharded rollback test). Under
+        DeepSpeed each runs as the engine's forward, without autograd: a backward there would reduce
+        into ZeRO's gradient partitions.
         """
         out: list[tuple[int, float]] = []
+        strategy = self.trainer.strategy
+        engine = clips_in_optimizer_step(strategy)  # DeepSpeed: through the engine (ZeRO-3 gathers), no gradients
         with self.trainer.precision_plugin.train_step_context():
             for batch in self._step_batches:
                 tokens, keys = batch["tokens"], batch.get("sample_keys")
                 if keys is None:
                     continue
                 for i in range(len(keys)):
-                    loss = self.training_loss(tokens[i : i + 1], keys[i : i + 1])
-                    (loss * 0).backward()
+                    sample = (tokens[i : i + 1], keys[i : i + 1])
+                    if engine:
+                        with torch.no_grad():
+                            loss = strategy.engine_forward("training_loss", *sample)
+                    else:
+                        loss = self.training_loss(*sample)
+                        (loss * 0).backward()
                     out.append((int(keys[i]), float(loss)))
+        if engine:
+            return out
         for p in self.parameters():
             p.grad = None
         return out
@@ -393,6 +412,11 @@ class CerebrasGPTModule(L.LightningModule):
             norm = clipped_grad_norm(self.trainer.strategy)
             if norm is not None:
                 self.log("grad_norm", norm)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.after_optimizer_step is not None:
+            self.after_optimizer_step()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A consolidated DeepSpeed checkpoint has no optimizer state: resume with fresh Adam moments."""

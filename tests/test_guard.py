@@ -192,18 +192,6 @@ def test_straggler_ratio_compares_a_rank_with_the_others() -> None:
     assert straggler_ratios([2.0]) == [1.0]
 
 
-def test_rollback_is_refused_under_deepspeed_before_training() -> None:
-    from types import SimpleNamespace
-
-    guard = StepGuard(GuardConfig(action="rollback"), "unused")
-    module = SimpleNamespace(step_gate=None, keep_step_batches=False)
-    deepspeed = SimpleNamespace(precision_plugin=SimpleNamespace(), strategy=SimpleNamespace(set_step_gate=print))
-    with pytest.raises(ConfigError, match="strategy=ddp or fsdp"):
-        guard.setup(deepspeed, module, "fit")
-    guard.setup(SimpleNamespace(precision_plugin=SimpleNamespace(), strategy=SimpleNamespace()), module, "fit")
-    assert module.keep_step_batches and guard._module is module
-
-
 def test_guard_config_errors_are_clear() -> None:
     with pytest.raises(ConfigError, match="guard.action"):
         GuardConfig(action="rollbak")

@@ -142,6 +142,47 @@ class CgptDeepSpeedStrategy(DeepSpeedStrategy):
         optimizer._update_scale = update_hook
         return True
 
+    # --- recomputing a step (guard.action=rollback) ---------------------------------------------
+    def engine_forward(self, method: str, *args: Any) -> Any:
+        """``lightning_module.<method>(*args)`` run as the engine's forward, as Lightning runs
+        ``training_step``: ZeRO-3 gathers the partitioned parameters around it and the engine
+        registers its backward hooks on the output."""
+        return self._forward_redirection(self.model, self.lightning_module, method, *args)
+
+    def recompute_step(self, batches: list[Any], method: str = "_loss") -> torch.Tensor:
+        """Forward and backward of an optimizer step's micro-batches again through the engine (after
+        the gate dropped the step: DeepSpeed's overflow path has cleared its gradients and reduction
+        buffers), with the accumulation boundary on the last one so ZeRO reduces and partitions as in
+        the step. Returns this rank's mean loss; :meth:`step_recomputed` then takes the step.
+
+        Each loss is ``lightning_module.<method>(batch)``, not ``training_step``: a recomputation logs
+        nothing and keeps no micro-batch, and a fault injected in ``training_step`` (a transient one)
+        is not in it, as under DDP."""
+        engine = self.deepspeed_engine
+        scale = self.lightning_module.trainer.accumulate_grad_batches  # as Lightning's closure divides
+        total = torch.zeros((), device=self.root_device)
+        for i, batch in enumerate(batches):
+            engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
+            with self.precision_plugin.train_step_context():
+                loss = self.engine_forward(method, batch) / scale
+            engine.backward(loss, scale_wrt_gas=False)
+            total = total + loss.detach().float()
+        return total
+
+    def step_recomputed(self) -> None:
+        """The engine's step of a recomputed optimizer step (the gate judges it inside). The engine
+        counted the step once already, when its first computation was dropped: its step, sample and
+        micro-step counters end as they were, and that drop is not counted as a skipped step."""
+        engine = self.deepspeed_engine
+        counters = {k: getattr(engine, k) for k in ("global_steps", "global_samples", "micro_steps")}
+        engine.skipped_steps -= 1
+        try:
+            engine.step()
+        finally:
+            for key, value in counters.items():
+                setattr(engine, key, value)
+            engine.set_gradient_accumulation_boundary(None)  # back to counting micro-steps
+
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         save = super().save_checkpoint
         atomic_dir_save(self, filepath, lambda tmp: save(checkpoint, tmp))
