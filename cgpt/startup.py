@@ -116,6 +116,9 @@ def prepare_entry_point(root: str | os.PathLike) -> None:
     sys.argv[:] = follow_output_dir(sys.argv)
 
 
+_FROZEN = False  # heavy_imports has frozen this process's import-time objects
+
+
 @contextmanager
 def heavy_imports() -> Iterator[None]:
     """Import torch, Lightning and what they pull in with the cyclic garbage collector paused, then
@@ -125,14 +128,24 @@ def heavy_imports() -> Iterator[None]:
     yet its full passes walk the growing heap again and again (a third of the import's CPU time),
     and Python's collections at exit walk it once more (seconds per process on a busy CPU). The
     frozen objects are modules, classes and functions that live until exit anyway; what a run
-    creates afterwards (about 14,000 tracked objects in a tiny run) is collected as usual. Entry
-    points only: a library user's process keeps its own collector settings.
+    creates afterwards (about 14,000 tracked objects in a tiny run) is collected as usual.
+
+    Once per process: a Hydra multirun calls the entry point's main again in the same process, and
+    freezing then would keep the previous job's model and trainer (garbage in reference cycles)
+    for good. The garbage made before the first call (Hydra's composition) is collected first, for
+    the same reason. Entry points only: a library user's process keeps its own collector settings.
     """
+    global _FROZEN
+    if _FROZEN:
+        yield
+        return
     enabled = gc.isenabled()
+    gc.collect()
     gc.disable()
     try:
         yield
     finally:
         gc.freeze()
+        _FROZEN = True
         if enabled:
             gc.enable()

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import weakref
 
+import pytest
 from conftest import REPO_ROOT
 
 PROBE = textwrap.dedent(
@@ -62,9 +63,11 @@ class _Node:
     me: _Node
 
 
-def test_heavy_imports_pause_the_collector_then_freeze_what_they_built() -> None:
+def test_heavy_imports_pause_the_collector_then_freeze_what_they_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cgpt import startup
     from cgpt.startup import heavy_imports
 
+    monkeypatch.setattr(startup, "_FROZEN", False)
     frozen = gc.get_freeze_count()
     try:
         with heavy_imports():
@@ -82,9 +85,11 @@ def test_heavy_imports_pause_the_collector_then_freeze_what_they_built() -> None
         gc.unfreeze()
 
 
-def test_heavy_imports_keep_a_collector_that_was_off_off() -> None:
+def test_heavy_imports_keep_a_collector_that_was_off_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cgpt import startup
     from cgpt.startup import heavy_imports
 
+    monkeypatch.setattr(startup, "_FROZEN", False)
     gc.disable()
     try:
         with heavy_imports():
@@ -93,3 +98,27 @@ def test_heavy_imports_keep_a_collector_that_was_off_off() -> None:
     finally:
         gc.unfreeze()
         gc.enable()
+
+
+def test_heavy_imports_freeze_once_so_a_multirun_job_does_not_keep_the_last_ones_garbage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cgpt import startup
+    from cgpt.startup import heavy_imports
+
+    monkeypatch.setattr(startup, "_FROZEN", False)
+    try:
+        with heavy_imports():  # the first job's imports
+            pass
+        frozen = gc.get_freeze_count()
+        last_job = _Node()  # the previous job's module and trainer: garbage in a cycle
+        last_job.me = last_job
+        alive = weakref.ref(last_job)
+        del last_job
+        with heavy_imports():  # the next job of the same multirun process
+            assert gc.isenabled()
+        assert gc.get_freeze_count() == frozen
+        gc.collect()
+        assert alive() is None
+    finally:
+        gc.unfreeze()
