@@ -1,12 +1,16 @@
-"""cgpt.startup.quiet_third_party: the known third-party noise is dropped, everything else stays."""
+"""cgpt.startup: the known third-party noise is dropped, everything else stays; heavy imports run
+without the garbage collector and leave it as they found it."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import subprocess
 import sys
 import textwrap
+import weakref
 
+import pytest
 from conftest import REPO_ROOT
 
 PROBE = textwrap.dedent(
@@ -53,3 +57,68 @@ def test_filters_are_added_once() -> None:
     quiet_third_party()
     for name in LIGHTNING_INFO_LOGGERS:
         assert len(logging.getLogger(name).filters) == 1
+
+
+class _Node:
+    me: _Node
+
+
+def test_heavy_imports_pause_the_collector_then_freeze_what_they_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cgpt import startup
+    from cgpt.startup import heavy_imports
+
+    monkeypatch.setattr(startup, "_FROZEN", False)
+    frozen = gc.get_freeze_count()
+    try:
+        with heavy_imports():
+            assert not gc.isenabled()
+            built = [[] for _ in range(1000)]  # what an import leaves behind: tracked, and alive
+        assert gc.isenabled()
+        assert gc.get_freeze_count() >= frozen + len(built)  # out of every later collection
+        cycle = _Node()
+        cycle.me = cycle
+        alive = weakref.ref(cycle)
+        del cycle
+        gc.collect()
+        assert alive() is None  # a cycle made afterwards is still collected
+    finally:
+        gc.unfreeze()
+
+
+def test_heavy_imports_keep_a_collector_that_was_off_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cgpt import startup
+    from cgpt.startup import heavy_imports
+
+    monkeypatch.setattr(startup, "_FROZEN", False)
+    gc.disable()
+    try:
+        with heavy_imports():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.unfreeze()
+        gc.enable()
+
+
+def test_heavy_imports_freeze_once_so_a_multirun_job_does_not_keep_the_last_ones_garbage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cgpt import startup
+    from cgpt.startup import heavy_imports
+
+    monkeypatch.setattr(startup, "_FROZEN", False)
+    try:
+        with heavy_imports():  # the first job's imports
+            pass
+        frozen = gc.get_freeze_count()
+        last_job = _Node()  # the previous job's module and trainer: garbage in a cycle
+        last_job.me = last_job
+        alive = weakref.ref(last_job)
+        del last_job
+        with heavy_imports():  # the next job of the same multirun process
+            assert gc.isenabled()
+        assert gc.get_freeze_count() == frozen
+        gc.collect()
+        assert alive() is None
+    finally:
+        gc.unfreeze()

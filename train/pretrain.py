@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cgpt.startup import prepare_entry_point
+from cgpt.startup import heavy_imports, prepare_entry_point
 
 prepare_entry_point(root=Path(__file__).resolve().parents[1])  # before the heavy imports: holds SLURM's USR1
 
@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 @hydra.main(config_path="../conf", config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Returns the final validation loss (what Hydra sweepers optimise)."""
-    from cgpt.training import fit, pretrain_components  # here, so that --help and --cfg need no Lightning import
+    with heavy_imports():  # here, so that --help and --cfg need no Lightning import
+        from cgpt.training import fit, pretrain_components
 
     return fit(OmegaConf.to_container(cfg, resolve=True), pretrain_components)["val_loss"]
 
