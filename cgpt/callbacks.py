@@ -199,6 +199,15 @@ def _zero_shot(trainer: L.Trainer) -> dict[str, Any]:
     return {"zero_shot": found[0].summary()} if found else {}
 
 
+def _watchdog(trainer: L.Trainer) -> dict[str, Any]:
+    """``{"watchdog": its section}``: the hang watchdog's limit and stragglers (cgpt.watchdog), or
+    ``{"enabled": false}`` when the run has none."""
+    from cgpt.watchdog import HangWatchdog
+
+    found = [c for c in trainer.callbacks if isinstance(c, HangWatchdog)]
+    return {"watchdog": found[0].summary() if found else {"enabled": False}}
+
+
 def _bad_shards(datamodule: Any) -> int:
     """Unreadable shards the data module skipped, over all ranks (a collective: every rank calls it)."""
     if hasattr(datamodule, "bad_shards_all_ranks"):
@@ -252,6 +261,7 @@ class RunSummary(L.Callback):
             "num_params": pl_module.model.num_params() if pl_module.model is not None else None,
             "bad_shards_skipped": _bad_shards(trainer.datamodule),
             **_zero_shot(trainer),
+            **_watchdog(trainer),
             **({"data_sources": ledger} if (ledger := _mixture_ledger(trainer)) else {}),
             **extra,
             "config": self.config,

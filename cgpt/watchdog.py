@@ -20,8 +20,9 @@ of the last ``window`` steps): ``timeout_s`` is then the floor.
 Stragglers: every ``straggler_every`` optimizer steps the ranks all-gather the time each spent in
 its own forward passes since the last check (DDP's forward has no collective, so a slow rank's
 time is its own; the backward and the step are where the others wait for it). A rank above
-``straggler_ratio`` x the median of the other ranks is reported (a progress line and the logged
-``watchdog/straggler_ratio``, the largest ratio) and training goes on.
+``straggler_ratio`` x the median of the other ranks is reported (a progress line, the logged
+``watchdog/straggler_ratio``, the largest ratio, and an entry of the ``watchdog`` section of
+summary.json, kept in checkpoints so a resumed run lists the earlier ones too) and training goes on.
 """
 
 from __future__ import annotations
@@ -157,7 +158,8 @@ class HangWatchdog(L.Callback):
             return
         step = trainer.global_step
         for r in slow:
-            self.stragglers.append({"step": step, "rank": r, "ratio": round(ratios[r], 2), "forward_s": times[r]})
+            self.stragglers.append({"step": step, "rank": r, "ratio": round(ratios[r], 2),
+                                    "forward_s": round(times[r], 3)})  # fmt: skip
         if self._rank == 0:
             ranks = ", ".join(f"rank {r} {times[r]:.2f}s ({ratios[r]:.1f}x the median of the others)" for r in slow)
             print(f"watchdog: step {step}: straggler(s): forward time over the last {self.straggler_every} steps: "
@@ -175,6 +177,20 @@ class HangWatchdog(L.Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._stop.set()
+
+    # --- reporting and checkpoints -------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """The ``watchdog`` section of summary.json: the limit in force at the end and every
+        straggler reported (``step``, ``rank``, ``ratio`` to the other ranks' median, ``forward_s``)."""
+        return {"enabled": True, "timeout_s": self.timeout_s, "limit_s": round(self.limit_s, 1),
+                "straggler_ratio": self.straggler_ratio, "straggler_every": self.straggler_every,
+                "stragglers": self.stragglers}  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stragglers": self.stragglers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stragglers = list(state.get("stragglers", []))
 
     # --- firing --------------------------------------------------------------------------------
     def _watch(self) -> None:

@@ -1,7 +1,9 @@
 """The step guard and the hang watchdog, by fault injection (cgpt.fault_injection, 2 gloo processes).
 
 Unit tests of the rule come first (in-process, one rank). The multi-process runs inject a NaN loss
-on rank 1 only, or a sleep, through a test-only callback that no config in conf/ names.
+on rank 1 only, or a sleep, through a test-only callback that no config in conf/ names. A run costs
+seconds of process start-up, so one run carries several faults at different steps and module
+fixtures share it between the tests that read it (each test checks its own part).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, run_script, weights
+from conftest import REPO_ROOT, SAMPLE_ON, pretrain_args, run_script, weights
 
 from cgpt.config import ConfigError
 from cgpt.guard import EXIT_GUARD_STOPPED, GuardConfig, StepGuard
@@ -23,6 +25,7 @@ from cgpt.watchdog import EXIT_HUNG, HangWatchdog, straggler_ratios
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 STEPS, BAD = 6, 3
+SPIKE, TRANSIENT = 5, 5  # a later fault of the same run: a finite spike, a NaN that does not reproduce
 INJECT = "cgpt.fault_injection.FaultInjector"
 
 
@@ -217,69 +220,85 @@ def args(data_dir: Path, out: Path, strategy: str, *extra: str, accumulation: in
     ]  # fmt: skip
 
 
-def fault(kind: str, record: Path | None = None, **kw: object) -> str:
+def fault(kind: str, record: Path | None = None, name: str = "fault", **kw: object) -> str:
+    """A FaultInjector override (at step BAD on rank 1 unless ``kw`` says otherwise); a second fault of
+    the same run needs another callback ``name``."""
     fields = {"_target_": INJECT, "kind": kind, "step": BAD, "rank": 1, **kw}
     if record is not None:
         fields["record_dir"] = str(record)
-    return "+callbacks.fault={" + ", ".join(f"{k}: {v}" for k, v in fields.items()) + "}"
+    return f"+callbacks.{name}={{" + ", ".join(f"{k}: {v}" for k, v in fields.items()) + "}"
 
 
+DEEPSPEED = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed missing")
 STRATEGIES = [
     "ddp",
     "fsdp",
-    pytest.param("deepspeed_stage_2", marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed missing")),
-    pytest.param("deepspeed_stage_3", marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed missing")),
+    *(pytest.param(name, marks=DEEPSPEED) for name in ("deepspeed_stage_2", "deepspeed_stage_3")),
+    *(pytest.param(name, marks=DEEPSPEED) for name in ("deepspeed_stage_2_offload", "deepspeed_stage_3_offload")),
 ]
 
 
-OFFLOAD = [
-    pytest.param(name, marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed missing"))
-    for name in ("deepspeed_stage_2_offload", "deepspeed_stage_3_offload")
-]
+@pytest.fixture(scope="module")
+def faulty_run(
+    request: pytest.FixtureRequest, tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path, str]:
+    """One 2-process run of the strategy ``request.param`` (accumulation 2) with two faults on rank 1:
+    a NaN loss at step BAD and a finite spike (loss x100) at step SPIKE, judged from 2 steps of
+    history. Each rank records its weights around both steps. Returns (run, record folder, stdout)."""
+    tmp = tmp_path_factory.mktemp(f"faults-{request.param}")
+    out, record = tmp / "run", tmp / "record"
+    nan, spike = fault("nan_loss", record), fault("scale_loss", record, "spike", step=SPIKE, factor=100)
+    cmd = args(tiny_data_dir, out, request.param, nan, spike, "guard.min_history=2", "guard.window=2")
+    return out, record, run_script(cmd, timeout=300).stdout
+
+
+def recorded(record: Path, rank: int, *steps: int) -> list[dict[str, torch.Tensor]]:
+    """A rank's local weights after each of ``steps`` (FaultInjector's record_dir)."""
+    return [torch.load(record / f"weights-rank{rank}-step{s}.pt") for s in steps]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_nan_on_rank_1_is_skipped_by_every_rank(tiny_data_dir: Path, tmp_path: Path, strategy: str) -> None:
+@pytest.mark.parametrize("faulty_run", STRATEGIES, indirect=True)
+def test_nan_on_rank_1_is_skipped_by_every_rank(faulty_run: tuple[Path, Path, str]) -> None:
     """NaN loss on rank 1 only at step 3 (accumulation 2): both ranks drop that update, nothing hangs,
     the weights after step 3 equal those after step 2 on every rank, and training then goes on."""
-    out, record = tmp_path / "run", tmp_path / "record"
-    proc = run_script(args(tiny_data_dir, out, strategy, fault("nan_loss", record)), timeout=300)
-    assert f"guard: step {BAD}: non-finite loss on rank 1 and global gradient norm" in proc.stdout
+    out, record, stdout = faulty_run
+    assert f"guard: step {BAD}: non-finite loss on rank 1 and global gradient norm" in stdout
     for rank in (0, 1):
         decisions = json.loads((record / f"decisions-rank{rank}.json").read_text())
-        assert decisions == {"skipped": [BAD], "steps": STEPS}, (rank, decisions)
-        weights = [torch.load(record / f"weights-rank{rank}-step{s}.pt") for s in (BAD - 1, BAD, BAD + 1)]
-        before, skipped, after = weights
+        assert decisions == {"skipped": [BAD, SPIKE], "steps": STEPS}, (rank, decisions)
+        before, skipped, after = recorded(record, rank, BAD - 1, BAD, BAD + 1)
         for name in before:
-            assert torch.equal(before[name], skipped[name]), (strategy, rank, name)
-        assert any(not torch.equal(skipped[n], after[n]) for n in before), (strategy, rank, "no update after the skip")
+            assert torch.equal(before[name], skipped[name]), (rank, name)
+        assert any(not torch.equal(skipped[n], after[n]) for n in before), (rank, "no update after the skip")
     guard = json.loads((out / "summary.json").read_text())["guard"]
-    assert guard["skipped_steps"] == [BAD] and guard["events"][0]["ranks"] == [1]
+    assert guard["skipped_steps"] == [BAD, SPIKE] and guard["events"][0]["kind"] == "non_finite"
+    assert guard["events"][0]["ranks"] == [1]
     rows = logged(out)  # the CSV's step column counts the steps done before the row's step
-    assert [rows[s]["guard/skipped_steps"] for s in range(STEPS)] == ["0.0"] * (BAD - 1) + ["1.0"] * (STEPS - BAD + 1)
+    counts = ["0.0"] * (BAD - 1) + ["1.0"] * (SPIKE - BAD) + ["2.0"] * (STEPS - SPIKE + 1)
+    assert [rows[s]["guard/skipped_steps"] for s in range(STEPS)] == counts
     assert guard["stopped"] is None
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("strategy", [*STRATEGIES[2:], *OFFLOAD])
-def test_a_finite_spike_is_dropped_inside_the_deepspeed_step(
-    tiny_data_dir: Path, tmp_path: Path, strategy: str
-) -> None:
-    """DeepSpeed skips non-finite fp32 steps on its own; a finite spike (loss x100 on rank 1) only the
-    guard's gate in the ZeRO step can drop. The weights after the step equal those before it."""
-    out, record = tmp_path / "run", tmp_path / "record"
-    spike = fault("scale_loss", record, factor=100)
-    run_script(args(tiny_data_dir, out, strategy, spike, "guard.min_history=2", "guard.window=2"), timeout=300)
+@pytest.mark.parametrize("faulty_run", STRATEGIES, indirect=True)
+def test_a_finite_spike_is_dropped_by_every_rank(faulty_run: tuple[Path, Path, str]) -> None:
+    """A finite spike (loss x100 on rank 1 at step SPIKE) is dropped on every rank: the weights after
+    the step equal those before it, and the next step updates them. Under DeepSpeed this is the test of
+    the guard's gate inside the ZeRO step: DeepSpeed skips a non-finite fp32 step on its own, a finite
+    spike only the gate can drop."""
+    out, record, stdout = faulty_run
+    assert f"guard: step {SPIKE}: loss spike" in stdout
     for rank in (0, 1):
-        assert json.loads((record / f"decisions-rank{rank}.json").read_text())["skipped"] == [BAD]
-        before, skipped = (torch.load(record / f"weights-rank{rank}-step{s}.pt") for s in (BAD - 1, BAD))
+        assert SPIKE in json.loads((record / f"decisions-rank{rank}.json").read_text())["skipped"]
+        before, skipped, after = recorded(record, rank, SPIKE - 1, SPIKE, SPIKE + 1)
         for name in before:
-            assert torch.equal(before[name], skipped[name]), (strategy, rank, name)
+            assert torch.equal(before[name], skipped[name]), (rank, name)
+        assert any(not torch.equal(skipped[n], after[n]) for n in before), (rank, "no update after the spike")
     guard = json.loads((out / "summary.json").read_text())["guard"]
-    assert [e["kind"] for e in guard["events"]] == ["loss_spike"]
+    assert [(e["step"], e["kind"]) for e in guard["events"]] == [(BAD, "non_finite"), (SPIKE, "loss_spike")]
 
 
 @pytest.mark.slow
@@ -297,16 +316,33 @@ def test_stop_saves_and_exits_with_its_code(tiny_data_dir: Path, tmp_path: Path)
     assert guard["skipped_steps"] == [BAD] and "guard.action=stop" in guard["stopped"]
 
 
+@pytest.fixture(scope="module")
+def hung_run(
+    tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, subprocess.CompletedProcess, bool, subprocess.CompletedProcess]:
+    """Rank 1 sleeps in step 4 (DDP, no accumulation) under a watchdog whose limit follows the pace
+    (30x the median step time after 1 warm-up step, above a 2 s floor); then the same command is run
+    again without the fault. Returns (run folder, the hung run, whether it left last.ckpt, the re-run)."""
+    out = tmp_path_factory.mktemp("hung") / "run"
+    dog = ["watchdog.timeout_s=2", "watchdog.median_multiple=30", "watchdog.warmup_steps=1", "watchdog.grace_s=20"]
+    base = args(tiny_data_dir, out, "ddp", *dog, accumulation=1)
+    hung = subprocess.run([sys.executable, *base, fault("sleep", seconds=120, step=4)], cwd=REPO_ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    saved = (out / "checkpoints" / "last.ckpt").exists()
+    again = [a for a in base if a != "resume=null"]
+    resumed = subprocess.run([sys.executable, *again], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    return out, hung, saved, resumed
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_watchdog_dumps_every_rank_names_the_sleeper_and_exits(tiny_data_dir: Path, tmp_path: Path) -> None:
-    """Rank 1 sleeps in step 3: both ranks dump their stacks, the report says rank 1 is behind, the
+@pytest.mark.timeout(900)
+def test_watchdog_dumps_every_rank_names_the_sleeper_and_exits(
+    hung_run: tuple[Path, subprocess.CompletedProcess, bool, subprocess.CompletedProcess],
+) -> None:
+    """Rank 1 sleeps in step 4: both ranks dump their stacks, the report says rank 1 is behind, the
     run exits with EXIT_HUNG, and re-running the same command resumes from the last checkpoint."""
-    out = tmp_path / "run"
-    base = args(tiny_data_dir, out, "ddp", "watchdog.timeout_s=4", "watchdog.grace_s=20", accumulation=1)
-    cmd = [*base, fault("sleep", seconds=120)]
-    proc = subprocess.run([sys.executable, *cmd], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=200)  # fmt: skip
+    out, proc, saved, resumed = hung_run
     assert proc.returncode == EXIT_HUNG, proc.stdout[-3000:] + proc.stderr[-3000:]
     stacks = {r: (out / "hang" / f"rank{r}.txt").read_text() for r in (0, 1)}
     assert "in _sleep" in stacks[1] and "fault_injection.py" in stacks[1]
@@ -315,10 +351,26 @@ def test_watchdog_dumps_every_rank_names_the_sleeper_and_exits(tiny_data_dir: Pa
     assert "rank 1:" in report and "did NOT reach it" in report.split("rank 1:")[1].splitlines()[0]
     assert "reached the furthest point" in report.split("rank 0:")[1].splitlines()[0]
     assert "ranks [1] are behind" in report
-    assert (out / "checkpoints" / "last.ckpt").exists()
-    resumed = run_script([a for a in base if a != "resume=null"], timeout=300)
+    assert saved
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
-    assert json.loads((out / "summary.json").read_text())["steps"] == STEPS
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["steps"], summary["steps_this_run"]) == (STEPS, STEPS - 2)  # from the step-2 checkpoint
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_watchdog_median_multiple_limit_fires_on_a_sleeping_rank(
+    hung_run: tuple[Path, subprocess.CompletedProcess, bool, subprocess.CompletedProcess],
+) -> None:
+    """Rank 1 sleeps in step 4: the limit in force is 30x the median step time (above the 2 s floor),
+    and past it both ranks dump and the run exits with EXIT_HUNG."""
+    out, proc, _, _ = hung_run
+    assert proc.returncode == EXIT_HUNG, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "watchdog.median_multiple=30 x the median step time" in proc.stderr
+    header = json.loads((out / "hang" / "rank1.txt").read_text().splitlines()[0])
+    assert header["limit_s"] > 2 and header["idle_s"] >= header["limit_s"] and header["completed_steps"] == 3
+    assert "in _sleep" in (out / "hang" / "rank1.txt").read_text()
 
 
 def _env() -> dict[str, str]:
@@ -348,11 +400,14 @@ def logged(out: Path) -> dict[int, dict[str, str]]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_the_guard_changes_nothing_on_a_normal_run(tiny_data_dir: Path, tmp_path: Path) -> None:
-    """On by default, so it must not move a loss: the same run with guard=off logs the same values."""
-    on, off = tmp_path / "on", tmp_path / "off"
-    run_script(single(tiny_data_dir, on), timeout=300)
-    run_script(single(tiny_data_dir, off, "guard=off"), timeout=300)
+def test_the_guard_changes_nothing_on_a_normal_run(
+    single_process_run: tuple[Path, subprocess.CompletedProcess], tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """On by default, so it must not move a loss: the same run with guard=off logs the same values (the
+    run with the guard is the shared single-process run of conftest; the other is its command plus
+    guard=off)."""
+    on, off = single_process_run[0], tmp_path / "off"
+    run_script(pretrain_args(tiny_data_dir, off, "auto", 1, SAMPLE_ON, "guard=off"), timeout=300)
     a, b = ({k: v for k, v in logged(out).items() if "train/loss" in v} for out in (on, off))
     assert sorted(a) == sorted(b) == list(range(STEPS))
     for step in a:
@@ -399,20 +454,25 @@ def poisoned_run(data_dir: Path, out: Path, record: Path, strategy: str, *extra:
 
 @pytest.fixture(scope="module")
 def ddp_rollback(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int, str]:
-    """A DDP rollback run with a poisoned sample, and its oracle: the same run with that key excluded
-    from the start (guard.exclude_keys) and no fault. Returns (run, oracle, key, run's stdout)."""
+    """A DDP rollback run with a poisoned sample (step BAD) and a NaN on rank 1 at step TRANSIENT that
+    does not reproduce on the replay, and its oracle: the same run with that key excluded from the
+    start (guard.exclude_keys) and no fault. Returns (run, oracle, key, run's stdout)."""
     tmp = tmp_path_factory.mktemp("ddp_rollback")
-    stdout, key = poisoned_run(tiny_data_dir, tmp / "run", tmp / "record", "ddp")
+    transient = fault("nan_loss", name="transient", step=TRANSIENT)
+    stdout, key = poisoned_run(tiny_data_dir, tmp / "run", tmp / "record", "ddp", transient)
     run_script(args(tiny_data_dir, tmp / "oracle", "ddp", ROLLBACK, f"guard.exclude_keys=[{key}]"), timeout=300)
     return tmp / "run", tmp / "oracle", key, stdout
 
 
-def check_quarantined(out: Path, key: int) -> None:
+def check_quarantined(out: Path, key: int, transient: int = 0) -> None:
+    """The run quarantined ``key`` at step BAD and applied the step without it (after it, ``transient``
+    rollbacks whose replay did not reproduce)."""
     guard = json.loads((out / "summary.json").read_text())["guard"]
-    assert guard["quarantined_keys"] == [key] and guard["rollbacks"] == 1, guard
-    assert guard["replays"] == {"data": 1, "transient": 0} and guard["skipped_steps"] == []
-    (event,) = guard["events"]
+    assert guard["quarantined_keys"] == [key] and guard["rollbacks"] == 1 + transient, guard
+    assert guard["replays"] == {"data": 1, "transient": transient} and guard["skipped_steps"] == []
+    event = guard["events"][0]
     assert (event["step"], event["replay"], event["quarantined"], event["applied"]) == (BAD, "data", [key], True)
+    assert len(guard["events"]) == 1 + transient, guard["events"]
     assert quarantine_in_checkpoint(out / "checkpoints" / "last.ckpt") == [key]
     assert logged(out)[STEPS - 1]["guard/quarantined_samples"] == "1.0"
 
@@ -424,7 +484,7 @@ def test_rollback_quarantines_a_bad_sample_like_an_oracle_run_ddp(ddp_rollback: 
     checkpoint), and the final weights equal those of a run that never counted that sample."""
     out, oracle, key, stdout = ddp_rollback
     assert f"guard: step {BAD}: non-finite loss on rank 1" in stdout and "reproduced (data)" in stdout
-    check_quarantined(out, key)
+    check_quarantined(out, key, transient=1)  # the run's later fault: test_a_transient_fault_is_replayed_...
     assert max_difference(out / "checkpoints" / "last.ckpt", oracle / "checkpoints" / "last.ckpt") <= 1e-6
 
 
@@ -441,18 +501,20 @@ def test_rollback_quarantines_a_bad_sample_like_an_oracle_run_fsdp(tiny_data_dir
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_transient_fault_is_replayed_not_quarantined(tiny_data_dir: Path, tmp_path: Path) -> None:
-    """NaN once on rank 1 (not on the replay): logged as transient, nothing quarantined, and the
-    weights equal those of the same run without the fault."""
-    out, clean = tmp_path / "run", tmp_path / "clean"
-    proc = run_script(args(tiny_data_dir, out, "ddp", ROLLBACK, fault("nan_loss")), timeout=300)
-    run_script(args(tiny_data_dir, clean, "ddp", ROLLBACK), timeout=300)
-    assert "not reproduced (transient fault)" in proc.stdout
+def test_a_transient_fault_is_replayed_not_quarantined(ddp_rollback: tuple[Path, Path, int, str]) -> None:
+    """NaN once on rank 1 at step TRANSIENT of the DDP rollback run (not on the replay): logged as
+    transient, nothing more quarantined, and the weights equal those of the oracle run, which had no
+    such fault."""
+    out, oracle, key, stdout = ddp_rollback
+    line = next(line for line in stdout.splitlines() if f"guard: step {TRANSIENT}:" in line)
+    assert "non-finite loss on rank 1" in line and "not reproduced (transient fault)" in line, line
     guard = json.loads((out / "summary.json").read_text())["guard"]
-    assert guard["replays"] == {"data": 0, "transient": 1} and guard["quarantined_keys"] == []
-    assert [(e["step"], e["replay"]) for e in guard["events"]] == [(BAD, "transient")]
-    assert logged(out)[STEPS - 1]["guard/transient_faults"] == "1.0"
-    assert max_difference(out / "checkpoints" / "last.ckpt", clean / "checkpoints" / "last.ckpt") <= 1e-6
+    assert guard["replays"] == {"data": 1, "transient": 1} and guard["quarantined_keys"] == [key]
+    assert [(e["step"], e["replay"]) for e in guard["events"]] == [(BAD, "data"), (TRANSIENT, "transient")]
+    assert guard["events"][1]["quarantined"] == [] and guard["skipped_steps"] == []
+    rows = logged(out)  # the CSV's step column counts the steps done before the row's step
+    assert [rows[s]["guard/transient_faults"] for s in (TRANSIENT - 2, STEPS - 1)] == ["0.0", "1.0"]
+    assert max_difference(out / "checkpoints" / "last.ckpt", oracle / "checkpoints" / "last.ckpt") <= 1e-6
 
 
 @pytest.mark.slow
@@ -479,33 +541,24 @@ def test_kill_during_a_rollback_leaves_a_resumable_run(
     assert max_difference(out / "checkpoints" / "last.ckpt", oracle / "checkpoints" / "last.ckpt") <= 1e-6
 
 
-# --- watchdog: the median-multiple limit and stragglers -------------------------------------------
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_watchdog_median_multiple_limit_fires_on_a_sleeping_rank(tiny_data_dir: Path, tmp_path: Path) -> None:
-    """Rank 1 sleeps in step 4: the limit in force is 30x the median step time (above the 2 s floor),
-    and past it both ranks dump and the run exits with EXIT_HUNG."""
-    out = tmp_path / "run"
-    dog = ["watchdog.timeout_s=2", "watchdog.median_multiple=30", "watchdog.warmup_steps=1", "watchdog.grace_s=20"]
-    cmd = [*args(tiny_data_dir, out, "ddp", *dog, accumulation=1), fault("sleep", seconds=120, step=4)]
-    proc = subprocess.run([sys.executable, *cmd], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert proc.returncode == EXIT_HUNG, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "watchdog.median_multiple=30 x the median step time" in proc.stderr
-    header = json.loads((out / "hang" / "rank1.txt").read_text().splitlines()[0])
-    assert header["limit_s"] > 2 and header["idle_s"] >= header["limit_s"] and header["completed_steps"] == 3
-    assert "in _sleep" in (out / "hang" / "rank1.txt").read_text()
-
-
+# --- watchdog: stragglers ------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_slow_rank_is_reported_as_a_straggler_and_training_finishes(tiny_data_dir: Path, tmp_path: Path) -> None:
-    """Rank 1 sleeps 2 s in every step from step 2 on: reported every 2 steps, the run finishes."""
+    """Rank 1 sleeps 2 s in every step: reported every 2 steps (a line, the logged ratio, the
+    ``watchdog`` section of summary.json), the run finishes. Sleeps from step 1 on and a ratio of 1.5:
+    on a machine loaded ~6x over its cores a tiny forward took up to 2 s, and with one sleep in a
+    window, or the default ratio of 2, a check missed the straggler."""
     out = tmp_path / "run"
-    slow = fault("slow", seconds=2, step=2)
-    proc = run_script(args(tiny_data_dir, out, "ddp", "watchdog.straggler_every=2", slow, accumulation=1))
+    slow = fault("slow", seconds=2, step=1)
+    dog = ["watchdog.straggler_every=2", "watchdog.straggler_ratio=1.5"]
+    proc = run_script(args(tiny_data_dir, out, "ddp", *dog, slow, accumulation=1))
     lines = [line for line in proc.stdout.splitlines() if "straggler(s)" in line]
     assert [line.split(":")[1].strip() for line in lines] == ["step 2", "step 4", "step 6"], lines
     assert all("rank 1 " in line and "rank 0 " not in line for line in lines)
-    assert json.loads((out / "summary.json").read_text())["steps"] == STEPS
-    assert float(logged(out)[STEPS - 1]["watchdog/straggler_ratio"]) > 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == STEPS
+    assert float(logged(out)[STEPS - 1]["watchdog/straggler_ratio"]) > 1.5
+    stragglers = summary["watchdog"]["stragglers"]
+    assert [(s["step"], s["rank"]) for s in stragglers] == [(2, 1), (4, 1), (6, 1)], stragglers
+    assert all(s["ratio"] > 1.5 and s["forward_s"] > 4 for s in stragglers), stragglers  # two 2 s sleeps each
