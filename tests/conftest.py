@@ -145,21 +145,32 @@ def ddp_run(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return out
 
 
+def copy_resume_point(run: Path, out: Path) -> Path:
+    """Copy a shared run's step-WORLD_SIZE_STEP checkpoint, under its own name, into ``out``'s empty
+    checkpoint folder: the same command started there resumes it (no ``last.ckpt``: the newest
+    complete step checkpoint), without writing into the shared run (DeepSpeed converts a checkpoint
+    for another world size next to it), and a resume that saved its step again would collide with it
+    (``-v1``). Not as ``last.ckpt``: the checkpoint's callback state names the shared run's folder,
+    so Lightning would save the resumed run's own as ``last-v1.ckpt`` beside the copy."""
+    src = run / "checkpoints" / f"step{WORLD_SIZE_STEP:07d}.ckpt"
+    dst = out / "checkpoints" / src.name
+    dst.parent.mkdir(parents=True)
+    shutil.copytree(src, dst) if src.is_dir() else shutil.copy2(src, dst)
+    return dst
+
+
 @pytest.fixture(scope="session")
 def ddp_run_resumed_on_one_rank(
     ddp_run: Path, tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, str]:
     """``ddp_run``'s step-4 checkpoint resumed by 1 process (2 accumulation steps) with 2 DataLoader
-    workers (the 2-process run had none) to STEPS, in a folder of its own that holds a copy of it
-    (as ``last.ckpt``, and under its own name, which a resume that saved its step again would collide
-    with): its data trace in ``<out>/trace.rank0``, its state dumps (``start.pt`` right after the
-    load, ``end.pt``) in ``<out>/dump``. Read by the world-size resume test of DDP checkpoints and the
-    data resume test. Shared, so read-only. Returns (output folder, its stdout)."""
+    workers (the 2-process run had none) to STEPS, in a folder of its own: see
+    :func:`copy_resume_point`. Its data trace is in ``<out>/trace.rank0``, its state dumps
+    (``start.pt`` right after the load, ``end.pt``) in ``<out>/dump``. Read by the world-size resume
+    test of DDP checkpoints and the data resume test. Shared, so read-only. Returns (output folder,
+    its stdout)."""
     out = tmp_path_factory.mktemp("ddp_on_one_rank") / "run"
-    (out / "checkpoints").mkdir(parents=True)
-    src = ddp_run / "checkpoints" / f"step{WORLD_SIZE_STEP:07d}.ckpt"
-    for name in (src.name, "last.ckpt"):
-        shutil.copy2(src, out / "checkpoints" / name)
+    copy_resume_point(ddp_run, out)
     args = pretrain_args(tiny_data_dir, out, "ddp", 1, "data.num_workers=2", state_dump(out / "dump"))
     proc = run_script(args, timeout=400, env={"CGPT_DATA_TRACE": str(out / "trace")})
     return out, proc.stdout

@@ -17,12 +17,22 @@ another strategy family than the run's.
 from __future__ import annotations
 
 import hashlib
-import shutil
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import STEPS, WORLD_SIZE_STEP, _csv_losses, _csv_versions, losses, pretrain_args, run_script, state_dump
+from conftest import (
+    STEPS,
+    WORLD_SIZE_STEP,
+    _csv_losses,
+    _csv_versions,
+    copy_resume_point,
+    losses,
+    pretrain_args,
+    run_script,
+    state_dump,
+)
 
 from cgpt.config import TrainingDefaults
 from cgpt.optim import SchedulerConfig, resolve_schedule
@@ -59,21 +69,19 @@ def resumed_leg(out: Path, dump: Path, stdout: str, start: int, world: int) -> d
     losses, the step it started from and its world size."""
     dumps = {k: torch.load(dump / f"{k}.pt", weights_only=False) for k in ("start", "end")}
     own = _csv_losses(_csv_versions(out)[-1])
-    # A resume with more accumulation must not save the step it resumed from again (as step*-v1.ckpt).
-    assert not list((out / "checkpoints").glob("*-v*.ckpt")), sorted((out / "checkpoints").iterdir())
+    # A resume with more accumulation must not save the step it resumed from again (as step*-v1.ckpt;
+    # best-step*-val*.ckpt is a best checkpoint's own name).
+    versioned = [p for p in (out / "checkpoints").iterdir() if re.search(r"-v\d+\.ckpt$", p.name)]
+    assert not versioned, sorted(p.name for p in (out / "checkpoints").iterdir())
     return {"stdout": stdout, **dumps, "losses": own, "from": start, "world": world}
 
 
 def resume_chain(data_dir: Path, out: Path, strategy: str, first: Path, worlds: list[int]) -> list[dict]:
-    """The shared 2-process run ``first``'s step-WORLD_SIZE_STEP checkpoint, copied into ``out`` (as
-    ``last.ckpt``, and under its own name, which a resume that saved its step again would collide
-    with), resumed at each world size of ``worlds`` in turn in that folder: one step each, the last
-    leg to STEPS. Returns per leg, the shared run first: see :func:`shared_leg`, :func:`resumed_leg`."""
-    ckpts = out / "checkpoints"
-    ckpts.mkdir(parents=True)
-    src = first / "checkpoints" / f"step{WORLD_SIZE_STEP:07d}.ckpt"
-    for name in (src.name, "last.ckpt"):
-        shutil.copytree(src, ckpts / name) if src.is_dir() else shutil.copy2(src, ckpts / name)
+    """The shared 2-process run ``first``'s step-WORLD_SIZE_STEP checkpoint, copied into ``out``
+    (:func:`copy_resume_point`), resumed at each world size of ``worlds`` in turn in that folder (each
+    leg from the previous one's ``last.ckpt``): one step each, the last leg to STEPS. Returns per leg,
+    the shared run first: see :func:`shared_leg`, :func:`resumed_leg`."""
+    copy_resume_point(first, out)
     runs, steps = [shared_leg(first)], WORLD_SIZE_STEP
     for i, world in enumerate(worlds):
         start, steps = steps, STEPS if i == len(worlds) - 1 else steps + 1
@@ -137,10 +145,12 @@ def test_zero2_resumes_at_another_world_size_through_the_universal_checkpoint(
     tiny_data_dir: Path, tmp_path: Path, ddp_run: Path, strategy_runs: dict[str, Path]
 ) -> None:
     out = tmp_path / "run"
-    runs = resume_chain(tiny_data_dir, out, "deepspeed_stage_2", strategy_runs["deepspeed_stage_2"], [1])
+    runs = resume_chain(tiny_data_dir, out, "deepspeed_stage_2", strategy_runs["deepspeed_stage_2"], [1, 2])
     assert_resumed_runs(runs, "deepspeed_stage_2", ddp_run)
-    assert "converted" in runs[1]["stdout"] and "universal checkpoint" in runs[1]["stdout"]
-    # The resumed run's own save replaced last.ckpt, and with it the conversion of the old one.
+    for run in runs[1:]:
+        assert "converted" in run["stdout"] and "universal checkpoint" in run["stdout"], run["world"]
+    # The 2-rank run resumed the 1-rank run's last.ckpt through its conversion; its own save replaced
+    # last.ckpt, and with it that conversion.
     assert not (out / "checkpoints" / "last.ckpt.universal").exists()
 
 
