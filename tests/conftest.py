@@ -120,13 +120,84 @@ def single_process_run(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFac
     return out, run_script(pretrain_args(tiny_data_dir, out, "auto", 1, SAMPLE_ON), timeout=300)
 
 
+# Every shared 2-process run also dumps its full training state (StateDump) once step WORLD_SIZE_STEP
+# is done: tests/test_world_size_resume.py resumes its step-WORLD_SIZE_STEP checkpoint at another
+# world size and compares the loaded state with that dump, so the shared run is its first leg.
+WORLD_SIZE_STEP = 4
+
+
+def state_dump(dirpath: Path, *at_steps: int) -> str:
+    """The override that adds the test-only :class:`cgpt.strategies.full_state.StateDump` to a run:
+    full weights and Adam state at its start, its end and after each step of ``at_steps``."""
+    steps = f", at_steps: [{', '.join(map(str, at_steps))}]" if at_steps else ""
+    return f"+callbacks.dump={{_target_: cgpt.strategies.full_state.StateDump, dirpath: {dirpath}{steps}}}"
+
+
 @pytest.fixture(scope="session")
 def ddp_run(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One uninterrupted 2-process DDP run (pretrain_args: micro-batch 4 of a global batch of 8, no
-    accumulation) with its data trace in ``<out>/trace.rank*`` (CGPT_DATA_TRACE): the strategy tests'
-    reference and the world-size resume test's. Shared, so read-only. Returns its output folder."""
+    accumulation) with its data trace in ``<out>/trace.rank*`` (CGPT_DATA_TRACE) and its state dumps
+    in ``<out>/dump`` (``step4.pt``: see WORLD_SIZE_STEP): the strategy tests' reference and the
+    world-size and data resume tests'. Shared, so read-only. Returns its output folder."""
     out = tmp_path_factory.mktemp("ddp") / "run"
-    run_script(pretrain_args(tiny_data_dir, out, "ddp", 2), timeout=400, env={"CGPT_DATA_TRACE": str(out / "trace")})
+    args = pretrain_args(tiny_data_dir, out, "ddp", 2, state_dump(out / "dump", WORLD_SIZE_STEP))
+    run_script(args, timeout=400, env={"CGPT_DATA_TRACE": str(out / "trace")})
+    return out
+
+
+def copy_resume_point(run: Path, out: Path) -> Path:
+    """Copy a shared run's step-WORLD_SIZE_STEP checkpoint, under its own name, into ``out``'s empty
+    checkpoint folder: the same command started there resumes it (no ``last.ckpt``: the newest
+    complete step checkpoint), without writing into the shared run (DeepSpeed converts a checkpoint
+    for another world size next to it), and a resume that saved its step again would collide with it
+    (``-v1``). Not as ``last.ckpt``: the checkpoint's callback state names the shared run's folder,
+    so Lightning would save the resumed run's own as ``last-v1.ckpt`` beside the copy."""
+    src = run / "checkpoints" / f"step{WORLD_SIZE_STEP:07d}.ckpt"
+    dst = out / "checkpoints" / src.name
+    dst.parent.mkdir(parents=True)
+    shutil.copytree(src, dst) if src.is_dir() else shutil.copy2(src, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def ddp_run_resumed_on_one_rank(
+    ddp_run: Path, tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, str]:
+    """``ddp_run``'s step-4 checkpoint resumed by 1 process (2 accumulation steps) with 2 DataLoader
+    workers (the 2-process run had none) to STEPS, in a folder of its own: see
+    :func:`copy_resume_point`. Its data trace is in ``<out>/trace.rank0``, its state dumps
+    (``start.pt`` right after the load, ``end.pt``) in ``<out>/dump``. Read by the world-size resume
+    test of DDP checkpoints and the data resume test. Shared, so read-only. Returns (output folder,
+    its stdout)."""
+    out = tmp_path_factory.mktemp("ddp_on_one_rank") / "run"
+    copy_resume_point(ddp_run, out)
+    args = pretrain_args(tiny_data_dir, out, "ddp", 1, "data.num_workers=2", state_dump(out / "dump"))
+    proc = run_script(args, timeout=400, env={"CGPT_DATA_TRACE": str(out / "trace")})
+    return out, proc.stdout
+
+
+# The strategies of the shared runs (DeepSpeed is a dev extra: CI has it, never skipped).
+DEEPSPEED = ["deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_2_offload",
+             "deepspeed_stage_3_offload"]  # fmt: skip
+STRATEGIES = ["ddp", "fsdp", *DEEPSPEED]
+# Activation checkpointing rides along where it is riskiest (sharded parameters): it must not change a loss.
+AC = ["strategy.activation_checkpointing=true"]
+STRATEGY_EXTRA = {"fsdp": AC, "deepspeed_stage_3": AC}
+
+
+@pytest.fixture(scope="session")
+def strategy_runs(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory, ddp_run: Path) -> dict[str, Path]:
+    """One uninterrupted 2-process run per strategy (pretrain_args: 6 steps, checkpoints every 2, the
+    state dumped at step 4 in ``<out>/dump``); DDP's is ``ddp_run``. Read by the strategy parity,
+    checkpoint and resume tests and, as first legs, by the world-size resume tests. Shared, so
+    read-only: copy a checkpoint before resuming it (a DeepSpeed resume at another world size writes
+    its conversion next to the checkpoint)."""
+    root = tmp_path_factory.mktemp("strategies")
+    out = {"ddp": ddp_run}
+    for name in STRATEGIES[1:]:
+        out[name] = root / name
+        dump = state_dump(out[name] / "dump", WORLD_SIZE_STEP)
+        train(tiny_data_dir, out[name], name, 2, *STRATEGY_EXTRA.get(name, []), dump)
     return out
 
 

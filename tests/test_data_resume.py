@@ -10,7 +10,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import STEPS, assert_resumed_at, grad_norms, losses, pretrain_args, run_script, trace_ledger
+from conftest import (
+    STEPS,
+    WORLD_SIZE_STEP,
+    assert_resumed_at,
+    grad_norms,
+    losses,
+    pretrain_args,
+    run_script,
+    trace_ledger,
+)
 
 from cgpt.data.datamodule import PackedDataModule
 from cgpt.data.stream import split_key
@@ -18,18 +27,18 @@ from cgpt.data.stream import split_key
 
 @pytest.mark.slow
 def test_resume_at_another_world_size_continues_the_ledger_and_losses(
-    ddp_run: Path, tiny_data_dir: Path, tmp_path: Path
+    ddp_run: Path, ddp_run_resumed_on_one_rank, tiny_data_dir: Path, tmp_path: Path
 ) -> None:
     """2 -> 1: the session's 2-process run (micro-batch 4 of a global batch of 8, no accumulation)
     resumed from its step-4 checkpoint by 1 process (2 accumulation steps) with 2 DataLoader workers
-    (the 2-process run had none). 1 -> 2 and other layouts: tests/test_stream.py."""
+    (the 2-process run had none), in a folder holding a copy of it: the shared
+    ``ddp_run_resumed_on_one_rank``, whose loaded state tests/test_world_size_resume.py compares.
+    1 -> 2 and other layouts: tests/test_stream.py."""
     ref, ref_norms = trace_ledger(ddp_run / "trace"), grad_norms(ddp_run)
     assert sorted(ref) == list(range(STEPS)) and all(len(k) == 8 for k in ref.values())
     assert sorted(ref_norms) == list(range(STEPS))
-    step, out = 4, tmp_path / "w2to1"
+    step, (out, _) = WORLD_SIZE_STEP, ddp_run_resumed_on_one_rank
     resume = f"resume={ddp_run / 'checkpoints' / f'step{step:07d}.ckpt'}"
-    args = pretrain_args(tiny_data_dir, out, "ddp", 1, "data.num_workers=2", resume)
-    run_script(args, timeout=400, env={"CGPT_DATA_TRACE": str(out / "trace")})
     assert_resumed_at(out, step)  # its own log starts at the checkpoint's step: it resumed
     assert trace_ledger(out / "trace") == {g: ref[g] for g in range(step, STEPS)}  # the same samples per step
     norms = grad_norms(out)  # of the whole global batch's gradient: comparable at any world size

@@ -289,7 +289,8 @@ def test_mixture_stream_shares_epochs_and_exact_resume(tiny_data_dir: Path, othe
 def test_mixture_run_logs_sources_and_resumes_exactly(tiny_data_dir: Path, other_data_dir: Path, tmp_path: Path):
     """train/pretrain.py on a two-source mixture whose weights change at step 3: per-source
     validation (val/loss weighted by the weights in force), the ledger in summary.json, and a run
-    stopped at step 4 and resumed consumes exactly the samples of an uninterrupted run."""
+    resumed from the step-4 checkpoint consumes exactly the samples the uninterrupted run consumed
+    from there."""
     from conftest import STEPS, pretrain_args, run_script
 
     def train(out: Path, *extra: str, trace: Path):
@@ -312,10 +313,14 @@ def test_mixture_run_logs_sources_and_resumes_exactly(tiny_data_dir: Path, other
     ledger = summary["data_sources"]
     plan = MixturePlan(["a", "b"], [0.7, 0.3], 8, [WeightChange(3, {"a": 0.2, "b": 0.8})])
     assert [ledger[n]["samples"] for n in "ab"] == plan.consumed(STEPS).tolist()
-    train(split, "trainer.max_steps=4", trace=tmp_path / "trace-split")
+    # The run stopped at step 4: the uninterrupted run's step-4 checkpoint as the last.ckpt of a folder
+    # the same command then resumes in.
+    (split / "checkpoints").mkdir(parents=True)
+    shutil.copy2(whole / "checkpoints" / "step0000004.ckpt", split / "checkpoints" / "last.ckpt")
     train(split, trace=tmp_path / "trace-split")
     lines = [(tmp_path / f"trace-{name}.rank0").read_text().splitlines() for name in ("whole", "split")]
-    assert len(lines[0]) == STEPS * 2 and lines[1] == lines[0]  # 2 micro-batches a step, the same samples
+    assert len(lines[0]) == STEPS * 2  # 2 micro-batches a step
+    assert lines[1] == lines[0][4 * 2 :]  # from step 4 on (a re-run from step 0 would trace 12), the same samples
 
 
 def test_a_resume_may_change_the_schedule_only_after_its_position(tiny_data_dir: Path, other_data_dir: Path) -> None:

@@ -1,12 +1,14 @@
 """Resume at another world size: every strategy's checkpoint written by W ranks continues at W'.
 
-Each test trains at 2 gloo processes, resumes in the same output folder at 1 (and, for the sharded
-formats that reshard, back at 2), and compares the full training state right after the load (before
-any new step) with the state the previous run ended with: fp32 weights, Adam exp_avg / exp_avg_sq
-and step, gathered to whole tensors by the test-only :class:`cgpt.strategies.full_state.StateDump`.
-Global batch b is the same samples at any world size and ``train/loss`` is the global batch's mean,
-so the losses of every leg must also continue those of the session's uninterrupted 2-process DDP run
-(``ddp_run``) within 1e-5 (relative).
+Each chain starts from a shared uninterrupted 2-process run (``ddp_run``, ``strategy_runs``), which
+dumped its full training state once step WORLD_SIZE_STEP (4) was done: its step-4 checkpoint, copied
+into a folder of the test's own as ``last.ckpt``, is resumed there at 1 rank (and, for the sharded
+formats that reshard, back at 2 from the 1-rank run's checkpoint). Right after each load (before any
+new step) the full training state is compared with the state the previous run saved: fp32 weights,
+Adam exp_avg / exp_avg_sq and step, gathered to whole tensors by the test-only
+:class:`cgpt.strategies.full_state.StateDump`. Global batch b is the same samples at any world size
+and ``train/loss`` is the global batch's mean, so the losses of every leg must also continue those
+of the session's uninterrupted 2-process DDP run (``ddp_run``) within 1e-5 (relative).
 
 The fast tests at the end check the refusals: a checkpoint of another model shape, and one of
 another strategy family than the run's.
@@ -15,23 +17,33 @@ another strategy family than the run's.
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import STEPS, _csv_losses, _csv_versions, losses, pretrain_args, run_script
+from conftest import (
+    STEPS,
+    WORLD_SIZE_STEP,
+    _csv_losses,
+    _csv_versions,
+    copy_resume_point,
+    losses,
+    pretrain_args,
+    run_script,
+    state_dump,
+)
 
 from cgpt.config import TrainingDefaults
 from cgpt.optim import SchedulerConfig, resolve_schedule
 from cgpt.weights import ResumeError, check_resume
 
-FIRST = 2  # optimizer steps of the first run (checkpoints every 2 steps)
 MOMENTS = ("params", "exp_avg", "exp_avg_sq", "step")
 
 
 def reference_schedule() -> list[str]:
-    """The lr schedule of a STEPS-step run, pinned: each leg of a chain stops earlier (its own
-    ``trainer.max_steps``), and an unpinned schedule would decay to that leg's end instead."""
+    """The lr schedule of a STEPS-step run, pinned: a leg that stops earlier (its own
+    ``trainer.max_steps``) would otherwise decay to that leg's end instead."""
     s = resolve_schedule(SchedulerConfig(), TrainingDefaults.from_name("cerebras-gpt-tiny"), STEPS)
     return [f"scheduler.warmup_steps={s.warmup_steps}", f"scheduler.decay_steps={s.decay_steps}"]
 
@@ -40,24 +52,41 @@ def run_at(data_dir: Path, out: Path, strategy: str, devices: int, max_steps: in
     """One run of ``pretrain_args`` to ``max_steps`` (on the STEPS-step run's schedule) with the state
     dumped to ``out/dump``."""
     args = [a for a in pretrain_args(data_dir, out, strategy, devices) if not a.startswith("trainer.max_steps=")]
-    probe = f"+callbacks.dump={{_target_: cgpt.strategies.full_state.StateDump, dirpath: {out / dump}}}"
+    probe = state_dump(out / dump)
     return run_script([*args, f"trainer.max_steps={max_steps}", *reference_schedule(), probe, *extra], timeout=400)
 
 
-def resume_chain(data_dir: Path, out: Path, strategy: str, worlds: list[int]) -> list[dict]:
-    """Train at ``worlds[0]`` ranks for FIRST steps, then resume at each following world size in the
-    same folder (two more steps each, one for the last). Returns per run: its stdout, the state dumps
-    at its start and end, its own logged losses, and the step it started from."""
-    runs, steps = [], 0
+def shared_leg(run: Path) -> dict:
+    """The first leg of a chain: a shared 2-process run up to its step-WORLD_SIZE_STEP checkpoint."""
+    end = torch.load(run / "dump" / f"step{WORLD_SIZE_STEP}.pt", weights_only=False)
+    assert (end["global_step"], end["world_size"]) == (WORLD_SIZE_STEP, 2), (end["global_step"], end["world_size"])
+    own = {step: loss for step, loss in losses(run).items() if step < WORLD_SIZE_STEP}
+    return {"end": end, "losses": own, "world": 2}
+
+
+def resumed_leg(out: Path, dump: Path, stdout: str, start: int, world: int) -> dict:
+    """A run that resumed in ``out``: its stdout, the state dumps at its start and end, its own logged
+    losses, the step it started from and its world size."""
+    dumps = {k: torch.load(dump / f"{k}.pt", weights_only=False) for k in ("start", "end")}
+    own = _csv_losses(_csv_versions(out)[-1])
+    # A resume with more accumulation must not save the step it resumed from again (as step*-v1.ckpt;
+    # best-step*-val*.ckpt is a best checkpoint's own name).
+    versioned = [p for p in (out / "checkpoints").iterdir() if re.search(r"-v\d+\.ckpt$", p.name)]
+    assert not versioned, sorted(p.name for p in (out / "checkpoints").iterdir())
+    return {"stdout": stdout, **dumps, "losses": own, "from": start, "world": world}
+
+
+def resume_chain(data_dir: Path, out: Path, strategy: str, first: Path, worlds: list[int]) -> list[dict]:
+    """The shared 2-process run ``first``'s step-WORLD_SIZE_STEP checkpoint, copied into ``out``
+    (:func:`copy_resume_point`), resumed at each world size of ``worlds`` in turn in that folder (each
+    leg from the previous one's ``last.ckpt``): one step each, the last leg to STEPS. Returns per leg,
+    the shared run first: see :func:`shared_leg`, :func:`resumed_leg`."""
+    copy_resume_point(first, out)
+    runs, steps = [shared_leg(first)], WORLD_SIZE_STEP
     for i, world in enumerate(worlds):
-        start = steps
-        steps = FIRST if i == 0 else steps + (1 if i == len(worlds) - 1 else 2)
+        start, steps = steps, STEPS if i == len(worlds) - 1 else steps + 1
         proc = run_at(data_dir, out, strategy, world, steps, f"dump{i}")
-        dumps = {k: torch.load(out / f"dump{i}" / f"{k}.pt", weights_only=False) for k in ("start", "end")}
-        own = _csv_losses(_csv_versions(out)[-1])
-        # A resume with more accumulation must not save the step it resumed from again (as step*-v1.ckpt).
-        assert not list((out / "checkpoints").glob("*-v*.ckpt")), sorted((out / "checkpoints").iterdir())
-        runs.append({"stdout": proc.stdout, **dumps, "losses": own, "from": start, "world": world})
+        runs.append(resumed_leg(out, out / f"dump{i}", proc.stdout, start, world))
     return runs
 
 
@@ -94,39 +123,45 @@ def assert_resumed_runs(runs: list[dict], strategy: str, reference: Path) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_ddp_checkpoint_resumes_at_another_world_size(tiny_data_dir: Path, tmp_path: Path, ddp_run: Path) -> None:
-    runs = resume_chain(tiny_data_dir, tmp_path / "run", "ddp", [2, 1])
+@pytest.mark.timeout(900)  # the first test pays for the shared runs
+def test_ddp_checkpoint_resumes_at_another_world_size(ddp_run: Path, ddp_run_resumed_on_one_rank) -> None:
+    out, stdout = ddp_run_resumed_on_one_rank  # ddp_run's step-4 file resumed by 1 process
+    runs = [shared_leg(ddp_run), resumed_leg(out, out / "dump", stdout, WORLD_SIZE_STEP, 1)]
     assert_resumed_runs(runs, "ddp", ddp_run)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1500)  # the first test pays for the shared runs
 def test_fsdp_sharded_checkpoint_reshards_weights_and_adam_state(
-    tiny_data_dir: Path, tmp_path: Path, ddp_run: Path
+    tiny_data_dir: Path, tmp_path: Path, ddp_run: Path, strategy_runs: dict[str, Path]
 ) -> None:
-    runs = resume_chain(tiny_data_dir, tmp_path / "run", "fsdp", [2, 1, 2])
+    runs = resume_chain(tiny_data_dir, tmp_path / "run", "fsdp", strategy_runs["fsdp"], [1, 2])
     assert_resumed_runs(runs, "fsdp", ddp_run)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1500)  # the first test pays for the shared runs
 def test_zero2_resumes_at_another_world_size_through_the_universal_checkpoint(
-    tiny_data_dir: Path, tmp_path: Path, ddp_run: Path
+    tiny_data_dir: Path, tmp_path: Path, ddp_run: Path, strategy_runs: dict[str, Path]
 ) -> None:
     out = tmp_path / "run"
-    runs = resume_chain(tiny_data_dir, out, "deepspeed_stage_2", [2, 1])
+    runs = resume_chain(tiny_data_dir, out, "deepspeed_stage_2", strategy_runs["deepspeed_stage_2"], [1, 2])
     assert_resumed_runs(runs, "deepspeed_stage_2", ddp_run)
-    assert "converted" in runs[1]["stdout"] and "universal checkpoint" in runs[1]["stdout"]
-    # The resumed run's own save replaced last.ckpt, and with it the conversion of the old one.
+    for run in runs[1:]:
+        assert "converted" in run["stdout"] and "universal checkpoint" in run["stdout"], run["world"]
+    # The 2-rank run resumed the 1-rank run's last.ckpt through its conversion; its own save replaced
+    # last.ckpt, and with it that conversion.
     assert not (out / "checkpoints" / "last.ckpt.universal").exists()
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_zero3_resumes_at_another_world_size_and_back(tiny_data_dir: Path, tmp_path: Path, ddp_run: Path) -> None:
-    runs = resume_chain(tiny_data_dir, tmp_path / "run", "deepspeed_stage_3", [2, 1, 2])
-    assert_resumed_runs(runs, "deepspeed_stage_3", ddp_run)
+@pytest.mark.timeout(1500)  # the first test pays for the shared runs
+def test_zero3_resumes_at_another_world_size_and_back(
+    tiny_data_dir: Path, tmp_path: Path, ddp_run: Path, strategy_runs: dict[str, Path]
+) -> None:
+    name = "deepspeed_stage_3"
+    runs = resume_chain(tiny_data_dir, tmp_path / "run", name, strategy_runs[name], [1, 2])
+    assert_resumed_runs(runs, name, ddp_run)
 
 
 def _digest(folder: Path) -> dict[str, str]:

@@ -5,7 +5,9 @@ resume) adds it explicitly, e.g.
 ``+callbacks.dump={_target_: cgpt.strategies.full_state.StateDump, dirpath: /tmp/dump}``.
 
 It writes ``<dirpath>/start.pt`` when training starts (right after a checkpoint is restored, before
-any new step) and ``<dirpath>/end.pt`` when it ends, on rank 0: ``{"global_step", "world_size",
+any new step), ``<dirpath>/end.pt`` when it ends and, with ``at_steps``, ``<dirpath>/step<N>.pt`` once
+optimizer step N is done (a run whose checkpoint of step N another run resumes), on rank 0:
+``{"global_step", "world_size",
 "params", "exp_avg", "exp_avg_sq", "step"}``, each a dict by the GPT's own parameter names (fp32
 master weights and Adam moments, whatever the sharding), so two runs at different world sizes
 compare tensor for tensor.
@@ -82,8 +84,9 @@ def _deepspeed_state(strategy: Any) -> dict[str, dict[str, torch.Tensor]]:
 class StateDump(L.Callback):
     """See the module docstring."""
 
-    def __init__(self, dirpath: str) -> None:
+    def __init__(self, dirpath: str, at_steps: list[int] | tuple[int, ...] = ()) -> None:
         self.dirpath = Path(dirpath)
+        self.at_steps = set(at_steps)
 
     def _dump(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
         state = full_training_state(trainer, pl_module)  # every rank: gathering is a collective
@@ -94,6 +97,14 @@ class StateDump(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._dump(trainer, pl_module, "start")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        # Once per step: with accumulation, the micro-batches before the optimizer step end at the
+        # previous step, already dumped or not asked for.
+        step = trainer.global_step
+        if step in self.at_steps:
+            self.at_steps.discard(step)
+            self._dump(trainer, pl_module, f"step{step}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._dump(trainer, pl_module, "end")
