@@ -283,6 +283,38 @@ def test_nan_on_rank_1_is_skipped_by_every_rank(faulty_run: tuple[Path, Path, st
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("deepspeed_stage_2", marks=DEEPSPEED)])
+def test_in_bf16_a_nan_and_a_spike_are_dropped_by_every_rank(
+    tiny_data_dir: Path, tmp_path: Path, strategy: str
+) -> None:
+    """The same two faults under bf16 autocast (DDP; DeepSpeed with its bf16 config): both steps are
+    dropped on every rank and leave the weights as they were."""
+    from cgpt.hardware import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        pytest.skip("needs bf16 on the CPU (AVX512_BF16 or AMX): emulated bf16 makes this run take many minutes")
+    out, record = tmp_path / "run", tmp_path / "record"
+    nan, spike = fault("nan_loss", record), fault("scale_loss", record, "spike", step=SPIKE, factor=100)
+    cmd = args(tiny_data_dir, out, strategy, nan, spike, "guard.min_history=2", "guard.window=2")
+    cmd = ["trainer.precision=bf16-mixed" if a.startswith("trainer.precision=") else a for a in cmd]
+    stdout = run_script(cmd, timeout=300).stdout
+    assert "precision bf16-mixed" in stdout and f"guard: step {SPIKE}: loss spike" in stdout
+    for rank in (0, 1):
+        assert json.loads((record / f"decisions-rank{rank}.json").read_text()) == {
+            "skipped": [BAD, SPIKE],
+            "steps": STEPS,
+        }
+        for step in (BAD, SPIKE):
+            before, dropped, after = recorded(record, rank, step - 1, step, step + 1)
+            for name in before:
+                assert torch.equal(before[name], dropped[name]), (rank, step, name)
+            assert any(not torch.equal(dropped[n], after[n]) for n in before), (rank, step, "no update after it")
+    guard = json.loads((out / "summary.json").read_text())["guard"]
+    assert [e["kind"] for e in guard["events"]] == ["non_finite", "loss_spike"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("faulty_run", STRATEGIES, indirect=True)
 def test_a_finite_spike_is_dropped_by_every_rank(faulty_run: tuple[Path, Path, str]) -> None:
     """A finite spike (loss x100 on rank 1 at step SPIKE) is dropped on every rank: the weights after
