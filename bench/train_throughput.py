@@ -56,6 +56,7 @@ from cgpt.hardware import (
     resolve_fused_loss,
     resolve_precision,
 )
+from cgpt.host_memory import resolve_host_malloc
 from cgpt.lit_module import CerebrasGPTModule
 from cgpt.optim import build_optimizer, build_scheduler
 
@@ -340,6 +341,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"fused LM-head loss {head.describe()}", file=sys.stderr, flush=True)
     elif args.fused_loss == "auto":
         args.fused_loss = default_fused_loss(device)
+    # The C allocator as a cgpt run on this device sets it (cgpt/host_memory.py), for every loop alike.
+    args.host_malloc_kept, line = resolve_host_malloc(args.host_malloc, device.type)
+    print(line, file=sys.stderr, flush=True)
     if args.warmup < 1 or args.steps <= args.warmup:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}), and --warmup must be >= 1")
     if device.type == "cuda":
@@ -391,6 +395,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "precision": args.precision,
         "compile": args.compile,
         "fused_loss": args.fused_loss,
+        "host_malloc_kept": args.host_malloc_kept,
         "seq_len": args.seq_len,
         "data": args.data or "synthetic",
         "micro_batch": args.micro_batch,
@@ -486,6 +491,7 @@ def report(result: dict[str, Any]) -> str:
     lines = [
         f"{result['model']} {result['num_params'] / 1e6:.1f}M params on {result['device']}, {result['precision']}, "
         f"compile={result['compile']}, fused loss={result['fused_loss']}, "
+        f"host malloc {'kept' if result['host_malloc_kept'] else 'default'}, "
         f"seq {result['seq_len']} x micro-batch {result['micro_batch']}, "
         f"{result['timed_steps']} timed steps x {result['repeats']} reps, peak {result['peak_flops'] / 1e12:.2f} "
         f"TFLOP/s ({result['peak_source']})",
@@ -541,6 +547,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", default="auto", help="auto (on for CUDA, off on CPU) | true | false")
     p.add_argument("--fused-loss", default="auto", help="auto (on for CPU, off for CUDA) | true | false")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--host-malloc", default="auto", help="auto (kept on CPU, as cgpt runs) | keep | default")
     p.add_argument("--steps", type=int, default=30, help="steps per loop and repetition, warmup included")
     p.add_argument("--warmup", type=int, default=5, help="untimed first steps (compilation happens here)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of both loops")

@@ -35,9 +35,10 @@ from cgpt.hardware import (
     precision_dtype,
     resolve_precision,
 )
+from cgpt.host_memory import resolve_host_malloc
 from cgpt.loggers import SampleLogger
 from cgpt.preemption import PreemptionHandler
-from cgpt.preflight import check_run, plan_batch
+from cgpt.preflight import check_run, check_torchrun, plan_batch
 from cgpt.slurm import check_environment
 from cgpt.startup import held_signals, release_signals
 from cgpt.strategies import build_strategy
@@ -196,11 +197,13 @@ def build(
     trainer_cfg = dict(config["trainer"])
     max_steps = trainer_cfg.pop("max_steps") or module.recipe.max_steps
     validate_every = trainer_cfg.pop("validate_every_steps")
+    host_malloc = trainer_cfg.pop("host_malloc", "auto")
     plan = plan_batch(
         data_cfg["global_batch_size"] or module.recipe.batch_size, data_cfg["micro_batch_size"],
         trainer_cfg["devices"], trainer_cfg["num_nodes"],
     )  # fmt: skip
     check_environment(trainer_cfg["devices"], trainer_cfg["num_nodes"])  # srun tasks == devices x nodes
+    check_torchrun(trainer_cfg["devices"], trainer_cfg["num_nodes"])  # torchrun's processes, likewise
     module.set_runtime(datamodule.seq_len, plan.global_batch_size)
     if hasattr(datamodule, "set_global_batch"):  # the packed order's row width (cgpt/data/stream.py)
         datamodule.set_global_batch(plan.global_batch_size)
@@ -216,6 +219,7 @@ def build(
         explain_precision(precision_setting, trainer_cfg["precision"], trainer_cfg["accelerator"]),
         explain_compile(module.compile, trainer_cfg["accelerator"]),
         explain_fused_loss(fused_setting, trainer_cfg["accelerator"], head),
+        resolve_host_malloc(host_malloc, accelerator_device_type(trainer_cfg["accelerator"]))[1],
     ]
     if rank_zero_only.rank == 0:  # the run's first lines: what was chosen for this machine, and why
         print("\n".join(decisions), flush=True)
