@@ -276,8 +276,8 @@ class CerebrasGPTModule(L.LightningModule):
         if self._val_sums is None:  # no validation batch on this rank
             self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         total, weight = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
-        self.log("val/loss", (total / weight).float(), prog_bar=True)
-        self.log("val/ppl", torch.exp(total / weight).float())
+        self._log_reduced("val/loss", (total / weight).float(), prog_bar=True)
+        self._log_reduced("val/ppl", torch.exp(total / weight).float())
 
     def _log_source_losses(self) -> None:
         """``val/loss/<source>`` per validation loader, and ``val/loss`` (with ``val/ppl``) as their
@@ -288,11 +288,18 @@ class CerebrasGPTModule(L.LightningModule):
         means = sums[:, 0] / sums[:, 1].clamp_min(1)
         for name, mean in zip(self.val_names, means, strict=True):
             if name is not None:
-                self.log(f"val/loss/{name}", mean.float(), add_dataloader_idx=False)
+                self._log_reduced(f"val/loss/{name}", mean.float(), add_dataloader_idx=False)
         weights = torch.tensor(list(self.val_weights(self.global_step)), dtype=torch.float64, device=means.device)
         loss = (weights * means).sum() / weights.sum()
-        self.log("val/loss", loss.float(), prog_bar=True, add_dataloader_idx=False)
-        self.log("val/ppl", torch.exp(loss).float(), add_dataloader_idx=False)
+        self._log_reduced("val/loss", loss.float(), prog_bar=True, add_dataloader_idx=False)
+        self._log_reduced("val/ppl", torch.exp(loss).float(), add_dataloader_idx=False)
+
+    def _log_reduced(self, name: str, value: torch.Tensor, **kwargs: Any) -> None:
+        """Log an epoch-level value that is already reduced over the ranks (equal on every rank).
+        ``sync_dist`` with ``max`` of equal values changes nothing (a mean could, by one rounding,
+        at world sizes that are not powers of two); it tells Lightning the value is synced, which
+        silences its advice to sync it."""
+        self.log(name, value, sync_dist=True, reduce_fx="max", **kwargs)
 
     def configure_gradient_clipping(
         self,
