@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,24 @@ def plan_batch(global_batch_size: int, micro_batch_size: int, devices: int, num_
             "run's data order and optimization)."
         )
     return BatchPlan(global_batch_size, micro_batch_size, world, global_batch_size // per_pass)
+
+
+def check_torchrun(devices: object, num_nodes: object, environ: Mapping[str, str] | None = None) -> None:
+    """Under ``torchrun`` (or any torch elastic agent): refuse a trainer layout that does not match the
+    processes it started, before Lightning waits for ranks that will never come.
+
+    Does nothing outside torchrun (no ``TORCHELASTIC_RUN_ID``).
+    """
+    env = os.environ if environ is None else environ
+    if "TORCHELASTIC_RUN_ID" not in env or "LOCAL_WORLD_SIZE" not in env or "WORLD_SIZE" not in env:
+        return
+    per_node, world = int(env["LOCAL_WORLD_SIZE"]), int(env["WORLD_SIZE"])
+    if devices != per_node or not isinstance(num_nodes, int) or num_nodes * per_node != world:
+        raise ConfigError(
+            f"torchrun started {world} processes ({per_node} per node, {world // per_node} node(s)) but "
+            f"trainer.devices={devices} x trainer.num_nodes={num_nodes}: set trainer.devices to torchrun's "
+            "--nproc-per-node and trainer.num_nodes to its --nnodes"
+        )
 
 
 def check_run(

@@ -61,12 +61,34 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out_dir
 
 
-def run_script(args: list[str], timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run a repository script in a subprocess; fail with its output on a non-zero exit."""
+def launch(args: list[str]) -> list[str]:
+    """The command line that runs the repository script ``args``. A training run on several devices
+    of one node starts all its ranks at once under torchrun, as srun does on a cluster; Lightning's
+    own launcher (``python train/pretrain.py trainer.devices=2``) starts rank 1 only when rank 0
+    reaches ``Trainer.fit``, a whole start-up later (a 2-process smoke run: 40 s against 19 s).
+    Both launchers are documented (docs/scaling-out.md#launching-the-ranks); tests that need
+    Lightning's pass ``launcher="lightning"`` to :func:`run_script`."""
+    devices = [a.split("=", 1)[1] for a in args if a.startswith("trainer.devices=")]
+    nodes = [a.split("=", 1)[1] for a in args if a.startswith("trainer.num_nodes=")]
+    if (
+        args[0].startswith("train/")
+        and devices
+        and devices[-1].isdigit()
+        and int(devices[-1]) > 1
+        and nodes in ([], ["1"])
+    ):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices[-1]}", *args]
+    return [sys.executable, *args]
+
+
+def run_script(
+    args: list[str], timeout: float = 300, env: dict[str, str] | None = None, launcher: str = "torchrun"
+) -> subprocess.CompletedProcess:
+    """Run a repository script in a subprocess (see :func:`launch`; ``launcher="lightning"``: plain
+    ``python``, so Lightning starts the other ranks); fail with its output on a non-zero exit."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run(
-        [sys.executable, *args], cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+    command = launch(args) if launcher == "torchrun" else [sys.executable, *args]
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(
             f"{args} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
@@ -138,10 +160,12 @@ def ddp_run(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     """One uninterrupted 2-process DDP run (pretrain_args: micro-batch 4 of a global batch of 8, no
     accumulation) with its data trace in ``<out>/trace.rank*`` (CGPT_DATA_TRACE) and its state dumps
     in ``<out>/dump`` (``step4.pt``: see WORLD_SIZE_STEP): the strategy tests' reference and the
-    world-size and data resume tests'. Shared, so read-only. Returns its output folder."""
+    world-size and data resume tests'. Started the way a workstation user starts it (Lightning's
+    launcher; the other shared runs use torchrun), so the strategy parity tests also show that both
+    launchers train alike. Shared, so read-only. Returns its output folder."""
     out = tmp_path_factory.mktemp("ddp") / "run"
     args = pretrain_args(tiny_data_dir, out, "ddp", 2, state_dump(out / "dump", WORLD_SIZE_STEP))
-    run_script(args, timeout=400, env={"CGPT_DATA_TRACE": str(out / "trace")})
+    run_script(args, timeout=400, env={"CGPT_DATA_TRACE": str(out / "trace")}, launcher="lightning")
     return out
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from cgpt.config import ConfigError, ModelConfig
 from cgpt.memory import GIB, estimate_memory
-from cgpt.preflight import check_run, plan_batch
+from cgpt.preflight import check_run, check_torchrun, plan_batch
 
 TINY = ModelConfig.from_name("cerebras-gpt-tiny")
 BIG = ModelConfig.from_name("cerebras-gpt-13b")
@@ -77,3 +77,15 @@ def test_a_world_size_that_cannot_split_the_global_batch_names_the_ones_that_can
         plan_batch(16, 4, 3, num_nodes=2)
     assert plan_batch(16, 4, 2).accumulate_grad_batches == 2  # the global batch stays; accumulation adapts
     assert plan_batch(16, 4, 1).accumulate_grad_batches == 4
+
+
+def test_a_torchrun_layout_that_differs_from_the_trainer_is_refused_with_the_fix() -> None:
+    torchrun = {"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "8"}
+    check_torchrun(4, 2, torchrun)  # 2 nodes x 4 processes: matches
+    check_torchrun(1, 1, {})  # not under torchrun: nothing to check
+    with pytest.raises(
+        ConfigError, match=r"torchrun started 8 processes \(4 per node, 2 node\(s\)\) but trainer.devices=8"
+    ):
+        check_torchrun(8, 1, torchrun)
+    with pytest.raises(ConfigError, match="set trainer.devices to torchrun's --nproc-per-node"):
+        check_torchrun(4, 1, torchrun)
