@@ -65,7 +65,7 @@ def launch(args: list[str]) -> list[str]:
     """The command line that runs the repository script ``args``. A training run on several devices
     of one node starts all its ranks at once under torchrun, as srun does on a cluster; Lightning's
     own launcher (``python train/pretrain.py trainer.devices=2``) starts rank 1 only when rank 0
-    reaches ``Trainer.fit``, a whole start-up later (a 2-process smoke run: 40 s against 19 s).
+    reaches ``Trainer.fit``, a whole start-up later (a 2-process smoke run on 2 idle cores: 16 s against 11 s).
     Both launchers are documented (docs/scaling-out.md#launching-the-ranks); tests that need
     Lightning's pass ``launcher="lightning"`` to :func:`run_script`."""
     devices = [a.split("=", 1)[1] for a in args if a.startswith("trainer.devices=")]
