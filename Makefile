@@ -18,13 +18,14 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 # torch first (the CPU wheel) only where no torch is installed: GPU users keep their CUDA build.
+# setuptools' banner about editable installs (folders named like the package) is nothing to act on here.
 $(VENV)/.cgpt-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install -q -e .
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q -e .
 	touch $@
 
 $(VENV)/.cgpt-dev-installed: pyproject.toml $(VENV)/.cgpt-installed
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.cgpt-installed
