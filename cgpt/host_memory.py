@@ -1,13 +1,13 @@
 """The C allocator's behaviour for training on CPUs: keep freed memory for the next step.
 
 glibc's ``malloc`` serves every block above its mmap threshold (at most 32 MiB) with a fresh
-``mmap`` and gives it back with ``munmap`` on free. A CPU training step allocates and frees the same
-large buffers every step (the LM head's chunk of logits alone is 512 tokens x 50,257 x 4 B = 103 MB),
-so every step faults those pages in again and the kernel zeroes them: a quarter of the demo's time
-was system time. Turning glibc's mmap path off and raising its trim threshold keeps freed blocks in
-the heap, where the next step reuses them (what jemalloc and tcmalloc, which PyTorch's CPU tuning
-guide recommends, do by design). Measured on the demo: +30% tokens/s in fp32, identical losses
-(docs/design/cpu-training-speed.md).
+``mmap`` and gives it back with ``munmap`` on free, and returns freed memory at the top of its heap
+to the OS. A CPU training step allocates and frees the same large buffers every step (activations,
+gradients, chunks of the LM head's logits of up to 103 MB), so every step faults pages in again and
+the kernel zeroes them: a quarter of the demo's time was system time. Turning glibc's mmap path
+off and raising its trim threshold keeps freed blocks in the heap, where the next step reuses them
+(what jemalloc and tcmalloc, which PyTorch's CPU tuning guide recommends, do by design). Measured on
+the demo: +34% tokens/s in fp32, identical losses (docs/design/cpu-training-speed.md).
 
 The price is that the process keeps its peak memory until it exits, so cgpt does this only for runs
 that train on the CPU (``trainer.host_malloc=auto``), never for GPU runs, where eight ranks share
