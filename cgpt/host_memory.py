@@ -70,8 +70,9 @@ def resolve_host_malloc(setting: str | None, device_type: str) -> tuple[bool, st
         return False, "host malloc: glibc's defaults: set by trainer.host_malloc=default"
     if setting == "auto" and device_type != "cpu":
         return False, "host malloc: glibc's defaults (auto): the run trains on a GPU"
-    if setting == "auto" and user_allocator():
-        return False, f"host malloc: left as configured (auto): {user_allocator()}"
+    chosen = user_allocator() if setting == "auto" else None
+    if chosen:
+        return False, f"host malloc: left as configured (auto): {chosen}"
     if not keep_freed_memory():
         return False, "host malloc: glibc's defaults: the C library is not glibc"
     why = ": set by trainer.host_malloc=keep" if setting == "keep" else " (auto): the run trains on the CPU"

@@ -215,11 +215,13 @@ def build(
         cfg = module.model_config
         head = choose_lm_head(precision_dtype(trainer_cfg["precision"]), cfg.d_model, cfg.vocab_size)
         module.fused_loss, module.lm_head_chunk, module.lm_head_pad = head.fused, head.chunk, head.pad
+    # CPU runs keep freed memory for the next step (cgpt/host_memory.py); applied here, in every rank
+    _, malloc_decision = resolve_host_malloc(host_malloc, accelerator_device_type(trainer_cfg["accelerator"]))
     decisions = [
         explain_precision(precision_setting, trainer_cfg["precision"], trainer_cfg["accelerator"]),
         explain_compile(module.compile, trainer_cfg["accelerator"]),
         explain_fused_loss(fused_setting, trainer_cfg["accelerator"], head),
-        resolve_host_malloc(host_malloc, accelerator_device_type(trainer_cfg["accelerator"]))[1],
+        malloc_decision,
     ]
     if rank_zero_only.rank == 0:  # the run's first lines: what was chosen for this machine, and why
         print("\n".join(decisions), flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 import sys
@@ -62,3 +63,14 @@ def test_gpu_runs_and_user_settings_keep_the_allocator_as_it_is(monkeypatch: pyt
 def test_an_unknown_setting_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="use auto, keep .* or default"):
         resolve_host_malloc("jemalloc", "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only: other C libraries are left alone")
+def test_a_cpu_training_run_says_it_keeps_freed_memory_and_records_it(single_process_run) -> None:
+    out, proc = single_process_run  # a CPU run with trainer.host_malloc left at auto
+    line = "host malloc: freed memory kept for reuse (auto): the run trains on the CPU"
+    first_lines = proc.stdout.splitlines()[:8]  # what the run decided for this machine, and why
+    assert any(printed.startswith(line) for printed in first_lines), first_lines
+    summary = json.loads((out / "summary.json").read_text())
+    assert any(d.startswith(line) for d in summary["config"]["resolved"]["decisions"])
