@@ -1,5 +1,6 @@
 """What an entry point does before its heavy imports: hold SLURM's early signals, quiet known noise,
-and import torch and Lightning without paying for the garbage collector (:func:`heavy_imports`).
+make a native crash print where Python was, and import torch and Lightning without paying for the
+garbage collector (:func:`heavy_imports`).
 
 Only the standard library is imported here, so an entry point can call :func:`hold_signals` in its
 first lines, before torch and Lightning take seconds to import.
@@ -7,6 +8,7 @@ first lines, before torch and Lightning take seconds to import.
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import logging
 import os
@@ -105,11 +107,16 @@ def follow_output_dir(argv: list[str]) -> list[str]:
 
 
 def prepare_entry_point(root: str | os.PathLike) -> None:
-    """The first call of a training entry point: hold early signals, quiet known noise, point the
-    configs' ``${oc.env:CGPT_ROOT}`` at the project ``root`` (unless set), and make Hydra's record
-    of the config follow ``paths.output_dir`` (rewrites ``sys.argv`` in place)."""
+    """The first call of a training entry point: hold early signals, quiet known noise, have a native
+    crash print the Python stacks of every thread (:func:`faulthandler.enable`: an abort in a C++
+    library, e.g. a communication thread at exit, then names the Python frames it happened under
+    instead of leaving one line), point the configs' ``${oc.env:CGPT_ROOT}`` at the project ``root``
+    (unless set), and make Hydra's record of the config follow ``paths.output_dir`` (rewrites
+    ``sys.argv`` in place)."""
     import sys
 
+    if not faulthandler.is_enabled():
+        faulthandler.enable(all_threads=True)
     hold_signals()
     quiet_third_party()
     os.environ.setdefault("CGPT_ROOT", str(root))

@@ -122,3 +122,26 @@ def test_heavy_imports_freeze_once_so_a_multirun_job_does_not_keep_the_last_ones
         assert alive() is None
     finally:
         gc.unfreeze()
+
+
+def test_an_entry_point_prints_the_python_stack_of_a_native_abort(tmp_path) -> None:
+    """A C++ library that aborts (a communication thread torn down at exit, say) leaves one line of
+    its own; after prepare_entry_point the process also prints where Python was, thread by thread."""
+    script = tmp_path / "entry.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(REPO_ROOT)!r})
+        from cgpt.startup import prepare_entry_point
+        prepare_entry_point(root={str(REPO_ROOT)!r})
+
+        def tear_down_communication():
+            os.abort()
+
+        tear_down_communication()
+    """)
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -6
+    assert "Fatal Python error: Aborted" in proc.stderr
+    assert "in tear_down_communication" in proc.stderr
