@@ -40,7 +40,7 @@ from cgpt.loggers import SampleLogger
 from cgpt.preemption import PreemptionHandler
 from cgpt.preflight import check_run, check_torchrun, plan_batch
 from cgpt.slurm import check_environment
-from cgpt.startup import held_signals, release_signals
+from cgpt.startup import held_signals, mark_distributed_run_done, release_signals
 from cgpt.strategies import build_strategy
 from cgpt.watchdog import build_watchdog
 from cgpt.weights import resume_checkpoint
@@ -356,10 +356,12 @@ def fit(config: dict[str, Any], components: Components = pretrain_components) ->
 def _close_process_group() -> None:
     """Tear the process group down while the interpreter is intact. Left to exit-time destructors,
     gloo's worker threads can abort the process ("terminate called without an active exception")
-    after a run that succeeded."""
+    after a run that succeeded. An entry point then skips the interpreter's teardown altogether
+    (:func:`cgpt.startup.finish_process`)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        mark_distributed_run_done()
 
 
 def _sample(config: dict[str, Any], module: Any) -> str | None:

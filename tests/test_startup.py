@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -145,3 +146,43 @@ def test_an_entry_point_prints_the_python_stack_of_a_native_abort(tmp_path) -> N
     assert proc.returncode == -6
     assert "Fatal Python error: Aborted" in proc.stderr
     assert "in tear_down_communication" in proc.stderr
+
+
+FINISH = """
+import atexit, multiprocessing, os, sys, time
+sys.path.insert(0, {root!r})
+from cgpt import startup
+
+def native_teardown():  # what an exit-time destructor of a C++ library may do
+    os.abort()
+
+if __name__ == "__main__":
+    atexit.register(native_teardown)
+    worker = multiprocessing.Process(target=time.sleep, args=(60,), daemon=True)  # a DataLoader worker
+    worker.start()
+    print("worker", worker.pid)
+    print("summary written", end="")  # unflushed: finish_process must flush it
+    if {done}:
+        startup.mark_distributed_run_done()
+    startup.finish_process()
+    print(" and returned", flush=True)
+"""
+
+
+@pytest.mark.parametrize("done", [True, False])
+def test_a_finished_distributed_rank_exits_cleanly_without_the_interpreters_teardown(tmp_path, done: bool) -> None:
+    """A rank whose run succeeded and whose process group is gone exits 0 with its output flushed and
+    its worker processes stopped, whatever a native library would do at exit; any other process
+    (here: one that never trained as a rank) goes through the normal teardown."""
+    script = tmp_path / "entry.py"
+    script.write_text(FINISH.format(root=str(REPO_ROOT), done=done))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    if done:
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.endswith("summary written")
+        worker = int(proc.stdout.split()[1])
+        with pytest.raises(ProcessLookupError):  # terminated and reaped, not left to outlive the job
+            os.kill(worker, 0)
+    else:
+        assert proc.returncode == -6  # the teardown ran: the simulated native abort
+        assert "summary written and returned" in proc.stdout

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cgpt.startup import heavy_imports, prepare_entry_point
+from cgpt.startup import finish_process, heavy_imports, prepare_entry_point
 
 prepare_entry_point(root=Path(__file__).resolve().parents[1])  # before the heavy imports: holds SLURM's USR1
 
@@ -23,3 +23,4 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     main()
+    finish_process()  # a rank whose run succeeded exits here, without the interpreter's teardown
