@@ -131,8 +131,7 @@ def test_an_entry_point_prints_the_python_stack_of_a_native_abort(tmp_path) -> N
     script = tmp_path / "entry.py"
     script.write_text(
         textwrap.dedent(f"""
-        import os, sys
-        sys.path.insert(0, {str(REPO_ROOT)!r})
+        import os
         from cgpt.startup import prepare_entry_point
         prepare_entry_point(root={str(REPO_ROOT)!r})
 
@@ -149,8 +148,7 @@ def test_an_entry_point_prints_the_python_stack_of_a_native_abort(tmp_path) -> N
 
 
 FINISH = """
-import atexit, multiprocessing, os, sys, time
-sys.path.insert(0, {root!r})
+import atexit, multiprocessing, os, time
 from cgpt import startup
 
 def native_teardown():  # what an exit-time destructor of a C++ library may do
@@ -175,7 +173,7 @@ def test_a_finished_distributed_rank_exits_cleanly_without_the_interpreters_tear
     its worker processes stopped, whatever a native library would do at exit; any other process
     (here: one that never trained as a rank) goes through the normal teardown."""
     script = tmp_path / "entry.py"
-    script.write_text(FINISH.format(root=str(REPO_ROOT), done=done))
+    script.write_text(FINISH.format(done=done))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     if done:
         assert proc.returncode == 0, proc.stderr
