@@ -25,6 +25,7 @@ from typing import Any
 import lightning as L
 
 from cgpt.slurm import requeue_job_id
+from cgpt.startup import close_wandb_run
 from cgpt.weights import LAST
 
 # Exit status of a run that stopped on a signal after saving its checkpoint (re-run to resume).
@@ -102,7 +103,7 @@ class PreemptionHandler(L.Callback):
 
     def requeue_or_exit(self, is_global_zero: bool) -> None:
         """After a preempted ``fit``: close W&B, requeue the SLURM job (rank 0), and exit."""
-        _finish_wandb()
+        close_wandb_run(EXIT_PREEMPTED, then="requeueing anyway")  # its files complete before SLURM kills the job
         job = requeue_job_id()
         if self.requeue and job and is_global_zero:
             result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
@@ -136,14 +137,3 @@ def _signal(name: str | int) -> signal.Signals:
         return signal.Signals[name] if isinstance(name, str) else signal.Signals(name)
     except (KeyError, ValueError) as e:
         raise ValueError(f"preemption.signals: unknown signal {name!r} (use names such as SIGUSR1)") from e
-
-
-def _finish_wandb() -> None:
-    """Flush and close an active W&B run, so its files are complete before SLURM kills the job."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        try:
-            wandb.finish(exit_code=EXIT_PREEMPTED)
-        except Exception as e:  # its service died on the same SIGTERM: requeue all the same
-            print(f"W&B run not closed cleanly ({type(e).__name__}: {e}); requeueing anyway", file=sys.stderr,
-                  flush=True)  # fmt: skip

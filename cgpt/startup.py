@@ -160,6 +160,17 @@ def heavy_imports() -> Iterator[None]:
             gc.enable()
 
 
+def close_wandb_run(exit_code: int, then: str) -> None:
+    """Flush and close an active W&B run, so its files are complete before the process ends. Its
+    service may already be gone (killed by the same SIGTERM as the job): say so, and go on (``then``)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        try:
+            wandb.finish(exit_code=exit_code)
+        except Exception as e:
+            print(f"W&B run not closed cleanly ({type(e).__name__}: {e}); {then}", file=sys.stderr, flush=True)
+
+
 _DISTRIBUTED_RUN_DONE = False  # this process trained as a rank and tore its process group down
 
 
@@ -184,9 +195,7 @@ def finish_process() -> None:
     """
     if not _DISTRIBUTED_RUN_DONE:
         return
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
+    close_wandb_run(0, then="exiting all the same")
     for child in multiprocessing.active_children():  # DataLoader workers of the last validation
         child.terminate()
         child.join(timeout=5)
