@@ -188,7 +188,7 @@ def finish_process() -> None:
     the process group is destroyed. What is left is the interpreter destroying torch's, gloo's and
     DeepSpeed's native objects in no set order, and that can abort a rank that trained correctly
     (seen once in a ZeRO-3 offload run under torchrun: SIGABRT, "terminate called without an active
-    exception", in 1 of about 30 suites). torchrun and srun report any rank's abort as a failed
+    exception"; 42 runs of the same command did not repeat it). torchrun and srun report any rank's abort as a failed
     job, and a failed job is requeued. So the entry point closes what must be closed itself (a W&B
     run, DataLoader workers, the log handlers, stdout and stderr) and exits with ``os._exit(0)``.
     Anything else (a failed run, a single-process run, a library caller) returns as usual.
