@@ -1,6 +1,7 @@
-"""What an entry point does before its heavy imports: hold SLURM's early signals, quiet known noise,
-make a native crash print where Python was, and import torch and Lightning without paying for the
-garbage collector (:func:`heavy_imports`).
+"""What an entry point does around its run: before its heavy imports, hold SLURM's early signals,
+quiet known noise, make a native crash print where Python was, and import torch and Lightning
+without paying for the garbage collector (:func:`heavy_imports`); after a distributed run that
+succeeded, end the process without the interpreter's teardown (:func:`finish_process`).
 
 Only the standard library is imported here, so an entry point can call :func:`hold_signals` in its
 first lines, before torch and Lightning take seconds to import.
@@ -115,8 +116,6 @@ def prepare_entry_point(root: str | os.PathLike) -> None:
     instead of leaving one line), point the configs' ``${oc.env:CGPT_ROOT}`` at the project ``root``
     (unless set), and make Hydra's record of the config follow ``paths.output_dir`` (rewrites
     ``sys.argv`` in place)."""
-    import sys
-
     if not faulthandler.is_enabled():
         faulthandler.enable(all_threads=True)
     hold_signals()
@@ -188,8 +187,8 @@ def finish_process() -> None:
     the process group is destroyed. What is left is the interpreter destroying torch's, gloo's and
     DeepSpeed's native objects in no set order, and that can abort a rank that trained correctly
     (seen once in a ZeRO-3 offload run under torchrun: SIGABRT, "terminate called without an active
-    exception"; 42 runs of the same command did not repeat it). torchrun and srun report any rank's abort as a failed
-    job, and a failed job is requeued. So the entry point closes what must be closed itself (a W&B
+    exception"; 42 runs of the same command did not repeat it). torchrun and srun report any rank's
+    abort as a failed job, and a failed job is requeued. So the entry point closes what must be closed itself (a W&B
     run, DataLoader workers, the log handlers, stdout and stderr) and exits with ``os._exit(0)``.
     Anything else (a failed run, a single-process run, a library caller) returns as usual.
     """
