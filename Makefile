@@ -52,8 +52,11 @@ deepspeed-ops: install-dev
 	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, ShareMemCommBuilder; \
 	[b().load(verbose=False) for b in (ShareMemCommBuilder, CPUAdamBuilder)]"
 
+# Two tests at a time, one thread each (pytest-xdist; tests/conftest.py sends whole files to a worker).
+# TEST_WORKERS=0 runs them one by one in this process.
+TEST_WORKERS ?= 2
 test: install-dev lint deepspeed-ops
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest -q -rs --durations=15 tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) --durations=15 tests
 
 # The edit-test loop (about a minute on 2 cores): everything not marked slow. Subprocess, multi-process
 # and end-to-end tests are marked slow; `make test` (and CI) runs them all.

@@ -3,6 +3,7 @@ strategy and resume tests start and read back, and the CI rule that nothing skip
 
 from __future__ import annotations
 
+import atexit
 import csv
 import importlib.util
 import json
@@ -29,8 +30,11 @@ if TYPE_CHECKING:
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What the entry points set before composing: conf/paths resolves ${oc.env:CGPT_ROOT} (tests compose in-process).
 os.environ.setdefault("CGPT_ROOT", str(REPO_ROOT))
-# Measured peaks (cgpt.hardware.cached_peak_flops) go to a cache of this session, not the user's.
-os.environ.setdefault("CGPT_CACHE_DIR", tempfile.mkdtemp(prefix="cgpt-test-cache-"))
+# Measured peaks (cgpt.hardware.cached_peak_flops) go to a cache of this session, not the user's,
+# removed when the session ends. xdist's workers inherit the folder of the process that started them.
+if "CGPT_CACHE_DIR" not in os.environ:
+    os.environ["CGPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="cgpt-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["CGPT_CACHE_DIR"], ignore_errors=True)
 
 
 def load_script(path: Path) -> ModuleType:
@@ -113,6 +117,60 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     if not reason.removeprefix("Skipped: ").startswith(CI_MAY_SKIP):
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true (CI runs everything; only {CI_MAY_SKIP} may skip): {reason}"
+
+
+# --- two tests at a time: `pytest -n 2` (pytest-xdist) --------------------------------------------
+# Each xdist worker builds its own session and module fixtures. Tests go to the workers one file at a
+# time, so a module fixture (a training run its file's tests read back) is built once; the files in
+# WORKER_SHARES go as one unit: the session's shared runs are built once, and the SLURM cluster's
+# time-limit jobs never queue behind the other worker's jobs.
+WORKER_SHARES = {
+    "test_strategies.py": "shared runs", "test_world_size_resume.py": "shared runs",
+    "test_data_resume.py": "shared runs", "test_slurm_cluster.py": "SLURM cluster", "test_sweep.py": "SLURM cluster",
+}  # fmt: skip
+SHARED_RUNS = {"ddp_run", "strategy_runs", "ddp_run_resumed_on_one_rank"}  # the session fixtures below
+# The longest units (serial seconds on 2 cores: 360, 317, 113, 82) start first, then the units with
+# the most slow tests, so that the fast files fill the end.
+LONGEST_FIRST = ["shared runs", "test_guard.py", "SLURM cluster", "test_rollback_deepspeed.py"]
+
+
+def _worker_unit(nodeid: str) -> str:
+    path = nodeid.split("::")[0]
+    return WORKER_SHARES.get(Path(path).name, path)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which a plain pytest run may lack
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Whole units (files, or WORKER_SHARES' groups of files) to the workers, in the order the
+    workers collected them (see :func:`pytest_collection_modifyitems`)."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class UnitScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _worker_unit(nodeid)
+
+    config.option.loadscopereorder = False
+    return UnitScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that reads a shared run must be in the "shared runs" unit (or, under xdist, each worker
+    would build the runs again). In an xdist worker: LONGEST_FIRST, then the units with the most slow tests."""
+    for item in items:
+        if SHARED_RUNS & set(getattr(item, "fixturenames", ())) and _worker_unit(item.nodeid) != "shared runs":
+            raise pytest.UsageError(
+                f"{item.nodeid} reads a shared run ({', '.join(sorted(SHARED_RUNS))}): add "
+                f'"{Path(item.nodeid.split("::")[0]).name}": "shared runs" to WORKER_SHARES in tests/conftest.py'
+            )
+    if not hasattr(config, "workerinput"):
+        return
+    slow: dict[str, int] = {}
+    for item in items:
+        unit = _worker_unit(item.nodeid)
+        slow[unit] = slow.get(unit, 0) + (item.get_closest_marker("slow") is not None)
+    first = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+    rank = {unit: (first.get(Path(unit).name, len(first)), -n, i) for i, (unit, n) in enumerate(slow.items())}
+    items.sort(key=lambda item: rank[_worker_unit(item.nodeid)])
 
 
 # --- training runs: start, kill, read back --------------------------------------------------------
