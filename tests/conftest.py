@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -17,9 +18,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from forkserver import ForkServers
 
 if TYPE_CHECKING:
     import torch
@@ -65,34 +67,121 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out_dir
 
 
-def launch(args: list[str]) -> list[str]:
-    """The command line that runs the repository script ``args``. A training run on several devices
-    of one node starts all its ranks at once under torchrun, as srun does on a cluster; Lightning's
-    own launcher (``python train/pretrain.py trainer.devices=2``) starts rank 1 only when rank 0
-    reaches ``Trainer.fit``, a whole start-up later (a 2-process smoke run on 2 idle cores: 16 s against 11 s).
-    Both launchers are documented (docs/scaling-out.md#launching-the-ranks); tests that need
-    Lightning's pass ``launcher="lightning"`` to :func:`run_script`."""
+def ranks_per_node(args: list[str]) -> int:
+    """How many processes a one-node run of the repository script ``args`` starts itself: its
+    ``trainer.devices`` when that is above 1 on one node, else 1 (one process, or a multi-node layout
+    that a launcher or SLURM starts)."""
     devices = [a.split("=", 1)[1] for a in args if a.startswith("trainer.devices=")]
     nodes = [a.split("=", 1)[1] for a in args if a.startswith("trainer.num_nodes=")]
-    if (
-        args[0].startswith("train/")
-        and devices
-        and devices[-1].isdigit()
-        and int(devices[-1]) > 1
-        and nodes in ([], ["1"])
-    ):
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices[-1]}", *args]
-    return [sys.executable, *args]
+    if args[0].startswith("train/") and devices and devices[-1].isdigit() and nodes in ([], ["1"]):
+        return max(int(devices[-1]), 1)
+    return 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def elastic_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """The variables torchrun's agent gives rank ``rank`` of a one-node run of ``world`` processes
+    (torch.distributed.elastic's local agent); Lightning reads them as a torchelastic launch."""
+    return {
+        "RANK": str(rank), "LOCAL_RANK": str(rank), "ROLE_RANK": str(rank), "GROUP_RANK": "0",
+        "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "ROLE_WORLD_SIZE": str(world),
+        "GROUP_WORLD_SIZE": "1", "ROLE_NAME": "default", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        "TORCHELASTIC_RUN_ID": "cgpt-test", "TORCHELASTIC_RESTART_COUNT": "0",
+        "TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_USE_AGENT_STORE": "False",
+    }  # fmt: skip
+
+
+# What every run the tests start gets on top of the worker's environment.
+RUN_ENV = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+# Runs forked from pre-imported servers (tests/forkserver.py). CGPT_TEST_FORKSERVER=0: every run
+# starts as a fresh process (to compare, or to rule the servers out).
+FORK_SERVERS = ForkServers(
+    REPO_ROOT, enabled=os.environ.get("CGPT_TEST_FORKSERVER", "1") != "0", folder=Path(os.environ["CGPT_CACHE_DIR"])
+)  # their sockets go with the session's folder
+atexit.register(FORK_SERVERS.close)
+
+
+def run_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, **RUN_ENV, **(env or {})}
+
+
+def start(
+    args: list[str], env: dict[str, str], stdout: int, stderr: int, process_group: int = 0, fresh: bool = False
+) -> Any:
+    """Start ``python *args`` in the repository root, in process group ``process_group`` (0: a group of
+    its own), with the given descriptors for stdout and stderr. A repository script is forked from a
+    server that has imported what it needs when one serves its environment (tests/forkserver.py),
+    instead of starting a new interpreter. Returns a ``subprocess.Popen`` or what it stands for
+    (``pid``, ``poll``, ``wait``). ``fresh``: always a new interpreter."""
+    if not fresh and (served := FORK_SERVERS.spawn(args, env, stdout, stderr, process_group)):
+        return served
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=REPO_ROOT, env=env, stdout=stdout, stderr=stderr, process_group=process_group
+    )
+
+
+def run_ranks(
+    args: list[str], world: int, env: dict[str, str], timeout: float, fresh: bool = False
+) -> subprocess.CompletedProcess:
+    """Run ``python *args`` as ``world`` processes started at once, each with the variables torchrun
+    gives its ranks (as srun does on a cluster; ``world`` 1: one plain process), and wait for them.
+    When one fails, the others are killed (torchrun's rule), so a rank blocked in a collective does
+    not hang the test; the exit code is that of the first rank that failed by itself. Their output is
+    interleaved into one stdout and one stderr, as torchrun's is.
+
+    What torchrun adds, an agent process, costs a whole ``import torch`` before the first rank starts
+    (1.6 s of CPU and 2 s of wall time for a 2-process smoke run on 2 idle cores, 13.3 s against
+    11.6 s of CPU), and the suite starts about 45 such runs. The shared FSDP run and the README's
+    commands still go through torchrun (``launcher`` of :func:`run_script`), the SLURM jobs srun."""
+    port = free_port()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        procs: list[Any] = []
+        for rank in range(world):
+            rank_env = {**env, **elastic_env(rank, world, port)} if world > 1 else env
+            group = procs[0].pid if procs else 0  # one process group, killed as one
+            procs.append(start(args, rank_env, out.fileno(), err.fileno(), group, fresh))
+        deadline = time.monotonic() + timeout
+        failed = 0
+        try:
+            while (codes := [p.poll() for p in procs]).count(0) < world:
+                if failed := next((c for c in codes if c not in (None, 0)), 0):
+                    break
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(args, timeout)
+                time.sleep(0.05)
+        finally:
+            if any(p.poll() is None for p in procs):
+                os.killpg(procs[0].pid, signal.SIGKILL)
+            for p in procs:
+                p.wait(timeout=30)
+        out.seek(0), err.seek(0)
+        stdout, stderr = (f.read().decode(errors="replace") for f in (out, err))
+        return subprocess.CompletedProcess(args, failed, stdout, stderr)
 
 
 def run_script(
-    args: list[str], timeout: float = 300, env: dict[str, str] | None = None, launcher: str = "torchrun"
-) -> subprocess.CompletedProcess:
-    """Run a repository script in a subprocess (see :func:`launch`; ``launcher="lightning"``: plain
-    ``python``, so Lightning starts the other ranks); fail with its output on a non-zero exit."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
-    command = launch(args) if launcher == "torchrun" else [sys.executable, *args]
-    proc = subprocess.run(command, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    args: list[str], timeout: float = 300, env: dict[str, str] | None = None, launcher: str = "ranks",
+    fresh: bool = False,
+) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run a repository script in a subprocess and fail with its output on a non-zero exit. A training
+    run on several devices of one node starts all its ranks at once, as srun and torchrun do:
+    ``launcher="ranks"`` starts them itself (:func:`run_ranks`), ``"torchrun"`` under torchrun's agent.
+    ``launcher="lightning"`` runs one process, and Lightning starts rank 1 only when rank 0 reaches
+    ``Trainer.fit``, a whole start-up later. The launchers are documented in
+    docs/scaling-out.md#launching-the-ranks. ``fresh``: new interpreters, never forked from a server
+    (:func:`start`), for a test of what a run prints from its first line."""
+    full_env = run_env(env)
+    world = ranks_per_node(args)
+    if world > 1 and launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", *args]
+        proc = subprocess.run(command, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    else:
+        proc = run_ranks(args, 1 if launcher == "lightning" else world, full_env, timeout, fresh)
     if proc.returncode != 0:
         raise AssertionError(
             f"{args} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
@@ -194,10 +283,11 @@ SAMPLE_ON = "sample={prompt: 'ROMEO:', max_new_tokens: 8, temperature: 0.8, top_
 @pytest.fixture(scope="session")
 def single_process_run(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """One uninterrupted single-process run (pretrain_args, strategy auto, with the sample): the
-    reference of the resume tests and the run the output checks read. Shared, so read-only: copy it
+    reference of the resume tests and the run the output checks read (a fresh interpreter, so they
+    see what importing prints too: see :func:`start`). Shared, so read-only: copy it
     before running anything in it. Returns (output folder, the finished process)."""
     out = tmp_path_factory.mktemp("single_process") / "run"
-    return out, run_script(pretrain_args(tiny_data_dir, out, "auto", 1, SAMPLE_ON), timeout=300)
+    return out, run_script(pretrain_args(tiny_data_dir, out, "auto", 1, SAMPLE_ON), timeout=300, fresh=True)
 
 
 # Every shared 2-process run also dumps its full training state (StateDump) once step WORLD_SIZE_STEP
@@ -219,7 +309,7 @@ def ddp_run(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     accumulation) with its data trace in ``<out>/trace.rank*`` (CGPT_DATA_TRACE) and its state dumps
     in ``<out>/dump`` (``step4.pt``: see WORLD_SIZE_STEP): the strategy tests' reference and the
     world-size and data resume tests'. Started the way a workstation user starts it (Lightning's
-    launcher; the other shared runs use torchrun), so the strategy parity tests also show that both
+    launcher; see ``strategy_runs`` for the others), so the strategy parity tests also show that the
     launchers train alike. Shared, so read-only. Returns its output folder."""
     out = tmp_path_factory.mktemp("ddp") / "run"
     args = pretrain_args(tiny_data_dir, out, "ddp", 2, state_dump(out / "dump", WORLD_SIZE_STEP))
@@ -273,18 +363,23 @@ def strategy_runs(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory,
     state dumped at step 4 in ``<out>/dump``); DDP's is ``ddp_run``. Read by the strategy parity,
     checkpoint and resume tests and, as first legs, by the world-size resume tests. Shared, so
     read-only: copy a checkpoint before resuming it (a DeepSpeed resume at another world size writes
-    its conversion next to the checkpoint)."""
+    its conversion next to the checkpoint). FSDP's runs under torchrun, the others' ranks are started
+    by :func:`run_ranks` and ``ddp_run`` by Lightning: the parity tests cover the three launchers."""
     root = tmp_path_factory.mktemp("strategies")
     out = {"ddp": ddp_run}
     for name in STRATEGIES[1:]:
         out[name] = root / name
         dump = state_dump(out[name] / "dump", WORLD_SIZE_STEP)
-        train(tiny_data_dir, out[name], name, 2, *STRATEGY_EXTRA.get(name, []), dump)
+        launcher = "torchrun" if name == "fsdp" else "ranks"
+        train(tiny_data_dir, out[name], name, 2, *STRATEGY_EXTRA.get(name, []), dump, launcher=launcher)
     return out
 
 
-def train(data_dir: Path, out: Path, strategy: str, devices: int = 2, *extra: str, timeout: float = 400):
-    return run_script(pretrain_args(data_dir, out, strategy, devices, *extra), timeout=timeout)
+def train(
+    data_dir: Path, out: Path, strategy: str, devices: int = 2, *extra: str, timeout: float = 400,
+    launcher: str = "ranks",
+) -> subprocess.CompletedProcess:  # fmt: skip
+    return run_script(pretrain_args(data_dir, out, strategy, devices, *extra), timeout=timeout, launcher=launcher)
 
 
 def _csv_losses(version: Path) -> dict[int, float]:
@@ -363,25 +458,29 @@ def assert_resumed_at(out: Path, step: int) -> dict[int, float]:
 def kill_when(
     args: list[str], ready: Callable[[], bool], timeout: float = 400, poll: float = 0.05, may_end: bool = False
 ) -> bool:
-    """Start a run and SIGKILL its whole process group as soon as ``ready()`` is true. Returns False
-    when the run ended first (an error unless ``may_end``)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, *args], cwd=REPO_ROOT, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    """Start a run (its ranks at once, as :func:`run_ranks` does) and SIGKILL its whole process group
+    as soon as ``ready()`` is true. Returns False when the run ended first (an error unless
+    ``may_end``)."""
+    world, port = ranks_per_node(args), free_port()
+    with open(os.devnull, "wb") as null:
+        procs: list[Any] = []
+        for rank in range(world):
+            env = run_env(elastic_env(rank, world, port) if world > 1 else None)
+            procs.append(start(args, env, null.fileno(), null.fileno(), procs[0].pid if procs else 0))
     deadline = time.time() + timeout
     try:
         while not ready():
-            if proc.poll() is not None and may_end:
+            ended = [p.poll() for p in procs if p.poll() is not None]
+            if ended and may_end:
                 return False
-            assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before it could be killed"
+            assert not ended, f"the run ended (rc {ended}) before it could be killed"
             assert time.time() < deadline, f"not ready to kill within {timeout}s"
             time.sleep(poll)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        if any(p.poll() is None for p in procs):
+            os.killpg(procs[0].pid, signal.SIGKILL)
+        for p in procs:
+            p.wait(timeout=30)
     return True
 
 

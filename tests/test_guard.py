@@ -12,12 +12,11 @@ import importlib.util
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, SAMPLE_ON, pretrain_args, run_script, weights
+from conftest import SAMPLE_ON, pretrain_args, run_ranks, run_script, weights
 
 from cgpt.config import ConfigError
 from cgpt.guard import EXIT_GUARD_STOPPED, GuardConfig, StepGuard
@@ -339,8 +338,7 @@ def test_stop_saves_and_exits_with_its_code(tiny_data_dir: Path, tmp_path: Path)
     out = tmp_path / "run"
     cmd = args(tiny_data_dir, out, "ddp", fault("nan_loss"), "guard.action=stop", accumulation=1)
     env = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, *cmd], cwd=REPO_ROOT, env={**_env(), **env}, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = lightning_launched(cmd, {**_env(), **env})
     assert proc.returncode == EXIT_GUARD_STOPPED, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"guard: stopped at step {BAD}" in proc.stdout
     assert (out / "checkpoints" / "last.ckpt").exists()
@@ -358,12 +356,10 @@ def hung_run(
     out = tmp_path_factory.mktemp("hung") / "run"
     dog = ["watchdog.timeout_s=2", "watchdog.median_multiple=30", "watchdog.warmup_steps=1", "watchdog.grace_s=20"]
     base = args(tiny_data_dir, out, "ddp", *dog, accumulation=1)
-    hung = subprocess.run([sys.executable, *base, fault("sleep", seconds=120, step=4)], cwd=REPO_ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    hung = lightning_launched([*base, fault("sleep", seconds=120, step=4)], _env())
     saved = (out / "checkpoints" / "last.ckpt").exists()
     again = [a for a in base if a != "resume=null"]
-    resumed = subprocess.run([sys.executable, *again], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
-                             timeout=300)  # fmt: skip
+    resumed = lightning_launched(again, _env())
     return out, hung, saved, resumed
 
 
@@ -403,6 +399,12 @@ def test_watchdog_median_multiple_limit_fires_on_a_sleeping_rank(
     header = json.loads((out / "hang" / "rank1.txt").read_text().splitlines()[0])
     assert header["limit_s"] > 2 and header["idle_s"] >= header["limit_s"] and header["completed_steps"] == 3
     assert "in _sleep" in (out / "hang" / "rank1.txt").read_text()
+
+
+def lightning_launched(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run ``cmd`` as one process that starts the other rank itself (Lightning's launcher), whatever
+    its exit code: these tests read the code rank 0 exits with."""
+    return run_ranks(cmd, 1, env, timeout=300)
 
 
 def _env() -> dict[str, str]:
@@ -561,8 +563,7 @@ def test_kill_during_a_rollback_leaves_a_resumable_run(
     out, record = tmp_path / "run", tmp_path / "record"
     kill = "+callbacks.kill={_target_: " + INJECT + f", kind: kill, point: quarantine, rank: -1, record_dir: {record}}}"
     cmd = [a for a in args(tiny_data_dir, out, "ddp", ROLLBACK, fault("poison", record), kill) if a != "resume=null"]
-    proc = subprocess.run([sys.executable, *cmd], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = lightning_launched(cmd, _env())
     assert proc.returncode == -9, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "killed at the guard's 'quarantine' point" in proc.stdout
     assert not (out / "summary.json").exists()
