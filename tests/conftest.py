@@ -125,6 +125,18 @@ def start(
     )
 
 
+def start_ranks(
+    args: list[str], world: int, env: dict[str, str], stdout: int, stderr: int, fresh: bool = False
+) -> list[Any]:
+    """Start ``world`` processes of ``python *args`` at once (:func:`start`), each with the variables
+    torchrun gives its ranks (``world`` 1: one plain process), in one process group, killed as one."""
+    port, procs = free_port(), []
+    for rank in range(world):
+        rank_env = {**env, **elastic_env(rank, world, port)} if world > 1 else env
+        procs.append(start(args, rank_env, stdout, stderr, procs[0].pid if procs else 0, fresh))
+    return procs
+
+
 def run_ranks(
     args: list[str], world: int, env: dict[str, str], timeout: float, fresh: bool = False
 ) -> subprocess.CompletedProcess:
@@ -138,13 +150,8 @@ def run_ranks(
     (1.6 s of CPU and 2 s of wall time for a 2-process smoke run on 2 idle cores, 13.3 s against
     11.6 s of CPU), and the suite starts about 45 such runs. The shared FSDP run and the README's
     commands still go through torchrun (``launcher`` of :func:`run_script`), the SLURM jobs srun."""
-    port = free_port()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        procs: list[Any] = []
-        for rank in range(world):
-            rank_env = {**env, **elastic_env(rank, world, port)} if world > 1 else env
-            group = procs[0].pid if procs else 0  # one process group, killed as one
-            procs.append(start(args, rank_env, out.fileno(), err.fileno(), group, fresh))
+        procs = start_ranks(args, world, env, out.fileno(), err.fileno(), fresh)
         deadline = time.monotonic() + timeout
         failed = 0
         try:
@@ -461,16 +468,12 @@ def kill_when(
     """Start a run (its ranks at once, as :func:`run_ranks` does) and SIGKILL its whole process group
     as soon as ``ready()`` is true. Returns False when the run ended first (an error unless
     ``may_end``)."""
-    world, port = ranks_per_node(args), free_port()
     with open(os.devnull, "wb") as null:
-        procs: list[Any] = []
-        for rank in range(world):
-            env = run_env(elastic_env(rank, world, port) if world > 1 else None)
-            procs.append(start(args, env, null.fileno(), null.fileno(), procs[0].pid if procs else 0))
+        procs = start_ranks(args, ranks_per_node(args), run_env(), null.fileno(), null.fileno())
     deadline = time.time() + timeout
     try:
         while not ready():
-            ended = [p.poll() for p in procs if p.poll() is not None]
+            ended = [code for p in procs if (code := p.poll()) is not None]
             if ended and may_end:
                 return False
             assert not ended, f"the run ended (rc {ended}) before it could be killed"
