@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SAMPLE_ON, pretrain_args, run_ranks, run_script, weights
+from conftest import SAMPLE_ON, pretrain_args, run_env, run_ranks, run_script, weights
 
 from cgpt.config import ConfigError
 from cgpt.guard import EXIT_GUARD_STOPPED, GuardConfig, StepGuard
@@ -337,8 +337,7 @@ def test_a_finite_spike_is_dropped_by_every_rank(faulty_run: tuple[Path, Path, s
 def test_stop_saves_and_exits_with_its_code(tiny_data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = args(tiny_data_dir, out, "ddp", fault("nan_loss"), "guard.action=stop", accumulation=1)
-    env = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = lightning_launched(cmd, {**_env(), **env})
+    proc = lightning_launched(cmd)
     assert proc.returncode == EXIT_GUARD_STOPPED, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"guard: stopped at step {BAD}" in proc.stdout
     assert (out / "checkpoints" / "last.ckpt").exists()
@@ -356,10 +355,10 @@ def hung_run(
     out = tmp_path_factory.mktemp("hung") / "run"
     dog = ["watchdog.timeout_s=2", "watchdog.median_multiple=30", "watchdog.warmup_steps=1", "watchdog.grace_s=20"]
     base = args(tiny_data_dir, out, "ddp", *dog, accumulation=1)
-    hung = lightning_launched([*base, fault("sleep", seconds=120, step=4)], _env())
+    hung = lightning_launched([*base, fault("sleep", seconds=120, step=4)])
     saved = (out / "checkpoints" / "last.ckpt").exists()
     again = [a for a in base if a != "resume=null"]
-    resumed = lightning_launched(again, _env())
+    resumed = lightning_launched(again)
     return out, hung, saved, resumed
 
 
@@ -401,16 +400,10 @@ def test_watchdog_median_multiple_limit_fires_on_a_sleeping_rank(
     assert "in _sleep" in (out / "hang" / "rank1.txt").read_text()
 
 
-def lightning_launched(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+def lightning_launched(cmd: list[str]) -> subprocess.CompletedProcess:
     """Run ``cmd`` as one process that starts the other rank itself (Lightning's launcher), whatever
     its exit code: these tests read the code rank 0 exits with."""
-    return run_ranks(cmd, 1, env, timeout=300)
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    return run_ranks(cmd, 1, run_env(), timeout=300)
 
 
 def single(data_dir: Path, out: Path, *extra: str) -> list[str]:
@@ -563,7 +556,7 @@ def test_kill_during_a_rollback_leaves_a_resumable_run(
     out, record = tmp_path / "run", tmp_path / "record"
     kill = "+callbacks.kill={_target_: " + INJECT + f", kind: kill, point: quarantine, rank: -1, record_dir: {record}}}"
     cmd = [a for a in args(tiny_data_dir, out, "ddp", ROLLBACK, fault("poison", record), kill) if a != "resume=null"]
-    proc = lightning_launched(cmd, _env())
+    proc = lightning_launched(cmd)
     assert proc.returncode == -9, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "killed at the guard's 'quarantine' point" in proc.stdout
     assert not (out / "summary.json").exists()
